@@ -1,0 +1,1 @@
+"""Input pipelines: TFRecords and image folders -> (features, labels)."""

@@ -1,0 +1,69 @@
+"""Label maps: class names <-> ids, from labels.txt or class folders."""
+import os
+from typing import List, Optional
+
+import tensorflow as tf
+
+from estimator_transfer.config import ConfigError
+
+LABELS_FILENAME = "labels.txt"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+def read_labels_file(path: str) -> List[str]:
+  """Reads one class name per line (line i is class id i)."""
+  with tf.io.gfile.GFile(path) as f:
+    names = [line.strip() for line in f if line.strip()]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"{path} lists a class name twice; each line must be a "
+                      "distinct class.")
+  return names
+
+
+def write_labels_file(path: str, names) -> None:
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write("".join(f"{n}\n" for n in names))
+
+
+def is_image_folder(path: str) -> bool:
+  """True when `path` is a directory with class sub-folders (and no TFRecords)."""
+  if not tf.io.gfile.isdir(path):
+    return False
+  entries = tf.io.gfile.listdir(path)
+  subdirs = [e for e in entries if tf.io.gfile.isdir(os.path.join(path, e))
+             and not e.startswith(".")]
+  has_records = any(".tfrecord" in e or "-of-" in e for e in entries)
+  return bool(subdirs) and not has_records
+
+
+def folder_class_names(path: str) -> List[str]:
+  return sorted(e.rstrip("/") for e in tf.io.gfile.listdir(path)
+                if not e.startswith(".") and tf.io.gfile.isdir(os.path.join(path, e)))
+
+
+def data_dir(data: str) -> str:
+  """The directory a data spec (dir, file or glob) lives in."""
+  if tf.io.gfile.isdir(data):
+    return data
+  return os.path.dirname(data) or "."
+
+
+def class_names_for(data: str, label_map: str = "") -> Optional[List[str]]:
+  """Class names for a data spec: --label_map, labels.txt, or class folders.
+
+  Returns None when the data carries no names (plain TFRecords without a
+  labels.txt next to them).
+  """
+  if label_map:
+    if not tf.io.gfile.exists(label_map):
+      raise ConfigError(f"--label_map={label_map} does not exist; give a text "
+                        "file with one class name per line.")
+    return read_labels_file(label_map)
+  if not data:
+    return None
+  if is_image_folder(data):
+    return folder_class_names(data)
+  candidate = os.path.join(data_dir(data), LABELS_FILENAME)
+  if tf.io.gfile.exists(candidate):
+    return read_labels_file(candidate)
+  return None

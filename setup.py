@@ -1,0 +1,34 @@
+"""Package metadata for estimator-transfer."""
+import setuptools
+
+setuptools.setup(
+    name="estimator-transfer",
+    version="0.1.0",
+    description=("Transfer learning and retraining of pretrained backbones on "
+                 "tf.compat.v1.estimator: frozen layers, piecewise learning "
+                 "rates, absl-flag scripts, TF Serving exports."),
+    packages=setuptools.find_packages(include=["estimator_transfer", "estimator_transfer.*"]),
+    python_requires=">=3.9,<3.12",
+    install_requires=[
+        # 2.15 is the last TensorFlow release that ships tf.estimator.
+        "tensorflow==2.15.*",
+        "tensorflow-estimator==2.15.*",
+        # 0.15.0 still loads TF1 Hub modules (hub.Module) next to TF2
+        # SavedModels and does not pull tf-keras (which drags TF past 2.15).
+        "tensorflow-hub==0.15.0",
+        "absl-py>=1.0",
+        "numpy<2",
+        "pillow>=9",
+    ],
+    extras_require={
+        "demo": ["scikit-learn>=1.2"],
+        "test": ["scikit-learn>=1.2", "pytest>=7", "tensorflow-serving-api==2.15.*"],
+    },
+    entry_points={
+        "console_scripts": [
+            "et-train=estimator_transfer.cli.train:run",
+            "et-evaluate=estimator_transfer.cli.evaluate:run",
+            "et-export=estimator_transfer.cli.export:run",
+        ],
+    },
+)
