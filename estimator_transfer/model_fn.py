@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from estimator_transfer import backbones
 from estimator_transfer import heads
+from estimator_transfer import hooks
 from estimator_transfer import optimizers
 from estimator_transfer import schedules
 from estimator_transfer.config import ConfigError, ExperimentConfig
@@ -55,8 +56,10 @@ def build_model_fn(config: ExperimentConfig,
     train_op = _train_op(config, loss, backbone, head)
     scaffold = tf.compat.v1.train.Scaffold(init_fn=backbone.init_fn) \
         if backbone.init_fn else None
+    progress = hooks.ProgressHook(loss, config.run.max_steps, config.input.batch_size,
+                                  config.run.log_every_steps)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
-                                      scaffold=scaffold)
+                                      scaffold=scaffold, training_hooks=[progress])
 
   return model_fn
 

@@ -129,7 +129,7 @@ def build_input_fn(config: InputConfig, data: str, image_size: int,
       ds = ds.map(_parse_example_fn(config, image_size), num_parallel_calls=parallel,
                   deterministic=seed is not None or not training)
     # A corrupt image must not kill a long job: skip it (TF logs each one).
-    ds = ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
+    ds = ds.ignore_errors(log_warning=True)
     if training:
       ds = ds.repeat(num_epochs)
     ds = ds.batch(batch_size)
