@@ -60,9 +60,9 @@ class Experiment:
     cfg = self.config
     if not cfg.input.train_data:
       raise ConfigError("--train_data is required for training.")
+    train_input_fn = self.input_fn(cfg.input.train_data, training=True)  # validates the data
     config_lib.save(cfg, cfg.run.model_dir)
-    self.estimator.train(self.input_fn(cfg.input.train_data, training=True),
-                         max_steps=cfg.run.max_steps)
+    self.estimator.train(train_input_fn, max_steps=cfg.run.max_steps)
     return int(self.estimator.get_variable_value("global_step"))
 
   def evaluate(self, data: Optional[str] = None,
