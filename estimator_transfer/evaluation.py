@@ -1,0 +1,117 @@
+"""Evaluation reports: per-class precision/recall/F1, confusion matrix, PNG.
+
+The numbers come from a confusion matrix accumulated in the eval graph (one
+pass over the data, see `confusion_matrix_metric`), so a report costs no
+second pass; the same report can be built for an exported SavedModel.
+"""
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+REPORT_FILENAME = "eval_results.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def confusion_matrix_metric(labels, predictions, num_classes: int):
+  """A streaming confusion matrix: (value, update_op) for eval_metric_ops.
+
+  Rows are true classes, columns predicted classes.
+  """
+  matrix = tf.compat.v1.get_local_variable(
+      "eval_confusion_matrix", shape=[num_classes, num_classes], dtype=tf.int64,
+      initializer=tf.compat.v1.zeros_initializer(),
+      collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES,
+                   tf.compat.v1.GraphKeys.METRIC_VARIABLES])
+  batch = tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(predictions, [-1]),
+                                   num_classes=num_classes, dtype=tf.int64)
+  update = tf.compat.v1.assign_add(matrix, batch)
+  return tf.identity(matrix), update
+
+
+def classification_report(matrix: np.ndarray, class_names: Sequence[str]) -> Dict:
+  """Per-class and averaged precision/recall/F1 from a confusion matrix.
+
+  Args:
+    matrix: int [C, C], rows true class, columns predicted class.
+    class_names: C names.
+
+  Returns:
+    dict with accuracy, num_examples, macro_* and per_class entries.
+  """
+  matrix = np.asarray(matrix, dtype=np.int64)
+  true_positive = np.diag(matrix).astype(np.float64)
+  predicted = matrix.sum(axis=0).astype(np.float64)
+  actual = matrix.sum(axis=1).astype(np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    precision = np.where(predicted > 0, true_positive / predicted, 0.0)
+    recall = np.where(actual > 0, true_positive / actual, 0.0)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+  total = int(matrix.sum())
+  names = list(class_names) or [str(i) for i in range(matrix.shape[0])]
+  per_class = {
+      name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+      for name, p, r, f, s in zip(names, precision, recall, f1, actual)
+  }
+  present = actual > 0
+  return {
+      "num_examples": total,
+      "accuracy": float(true_positive.sum() / total) if total else 0.0,
+      "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+      "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+      "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+      "per_class": per_class,
+      "confusion_matrix": matrix.tolist(),
+      "class_names": names,
+  }
+
+
+def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
+  """Writes eval_results.json and confusion_matrix.png atomically into `out_dir`."""
+  tf.io.gfile.makedirs(out_dir)
+  json_path = os.path.join(out_dir, REPORT_FILENAME)
+  with tf.io.gfile.GFile(json_path + ".tmp", "w") as f:
+    f.write(json.dumps(report, indent=2, sort_keys=True))
+  tf.io.gfile.rename(json_path + ".tmp", json_path, overwrite=True)
+  paths = {"json": json_path}
+  if report.get("confusion_matrix"):
+    png_path = os.path.join(out_dir, CONFUSION_PNG)
+    render_confusion_png(np.asarray(report["confusion_matrix"]), report["class_names"],
+                         png_path + ".tmp")
+    tf.io.gfile.rename(png_path + ".tmp", png_path, overwrite=True)
+    paths["png"] = png_path
+  return paths
+
+
+def render_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: str,
+                         cell: Optional[int] = None) -> None:
+  """Draws a row-normalised confusion matrix heat map with counts, as PNG."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  n = matrix.shape[0]
+  cell = cell or max(18, min(48, 720 // max(n, 1)))
+  label_w = min(160, 8 + 7 * max((len(str(c)) for c in class_names), default=1))
+  top = 28
+  width, height = label_w + n * cell + 10, top + label_w + n * cell + 10
+  image = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(image)
+  draw.text((4, 4), "true (rows) vs predicted (columns)", fill="black")
+  rows = matrix.sum(axis=1, keepdims=True).astype(np.float64)
+  norm = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=np.float64), where=rows > 0)
+  x0, y0 = label_w, top + label_w
+  for i in range(n):
+    draw.text((4, y0 + i * cell + cell // 2 - 5), str(class_names[i])[:20], fill="black")
+    column_label = Image.new("RGB", (label_w, 12), "white")
+    ImageDraw.Draw(column_label).text((2, 0), str(class_names[i])[:20], fill="black")
+    image.paste(column_label.rotate(90, expand=True), (x0 + i * cell + cell // 2 - 6, top))
+    for j in range(n):
+      shade = int(255 * (1.0 - norm[i, j]))
+      colour = (shade, shade, 255) if i == j else (255, shade, shade)
+      box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1]
+      draw.rectangle(box, fill=colour, outline=(200, 200, 200))
+      if cell >= 18 and matrix[i, j]:
+        draw.text((box[0] + 3, box[1] + cell // 2 - 5), str(int(matrix[i, j])),
+                  fill="black" if shade > 110 else "white")
+  with tf.io.gfile.GFile(path, "wb") as f:
+    image.save(f, format="PNG")
