@@ -23,12 +23,18 @@ setuptools.setup(
     extras_require={
         "demo": ["scikit-learn>=1.2"],
         "test": ["scikit-learn>=1.2", "pytest>=7", "tensorflow-serving-api==2.15.*"],
+        # TF Serving warmup files (--serving_warmup) are PredictionLog protos.
+        "serving": ["tensorflow-serving-api==2.15.*"],
     },
     entry_points={
         "console_scripts": [
             "et-train=estimator_transfer.cli.train:run",
             "et-evaluate=estimator_transfer.cli.evaluate:run",
             "et-export=estimator_transfer.cli.export:run",
+            "et-local-cluster=estimator_transfer.cli.local_cluster:run",
+            "et-inspect-export=estimator_transfer.cli.inspect_export:run",
+            "et-predict=estimator_transfer.cli.predict:run",
+            "et-prepare-data=estimator_transfer.cli.prepare_data:run",
         ],
     },
 )

@@ -5,31 +5,53 @@ remote Hub handles are fetched into `TFHUB_CACHE_DIR`, the expected input size
 and value range are read from the backbone, and Keras weights files are read
 into NumPy arrays. `ResolvedBackbone.instantiate()` then builds the backbone in
 whatever graph Estimator is building (train, eval, predict, export) and
-returns its features together with the variables to train, the update ops to
-run and the losses to add. Pretrained Keras weights are assigned by the
-Scaffold's init_fn, which runs only when no checkpoint exists, so resuming
-never overwrites trained weights.
+returns its features together with the variables to train (per unfreeze
+stage), the update ops to run and the losses to add. Pretrained Keras weights
+are assigned by the Scaffold's init_fn, which runs only when no checkpoint
+exists, so resuming never overwrites trained weights.
 
 Handles:
   mobilenet_v2, resnet50(...)      a tf.keras.applications architecture;
                                    arguments in parentheses, e.g.
-                                   mobilenet_v2(alpha=0.35)
+                                   mobilenet_v2(alpha=0.35); built for
+                                   --image_size (any size it accepts), with
+                                   its own input value range
   hub:<url or dir>, <url>, <dir>   a TF-Hub handle: TF2 SavedModel (loaded
                                    with hub.KerasLayer) or TF1 Hub module
-                                   (hub.Module), detected from the files
+                                   (hub.Module), detected from the files;
+                                   value range [0, 1] (the Hub convention)
   keras:<file or dir>, <x>.h5      a Keras model (.h5, .keras, or Keras
                                    SavedModel dir), optionally cut at
-                                   `output_layer`
+                                   `output_layer` (only the layers up to it
+                                   are built); value range [0, 1] unless
+                                   --backbone_value_range says otherwise
+
+A fixed input size that differs from --image_size is a ConfigError, never a
+silent resize.
+
+Training mode (BatchNorm, dropout) per source, for frozen parts:
+  Keras     per layer: a layer frozen in the current stage normalizes with,
+            and keeps, its moving statistics; the others use batch
+            statistics and update theirs (a per-stage tensor under an
+            unfreeze schedule).
+  TF2 Hub   one mode for the whole module: training mode only while no part
+            of it is frozen (in the current stage); otherwise inference mode,
+            so no statistic of the module moves.
+  TF1 Hub   one graph variant, picked once: the `train` tag only when every
+            stage trains the whole module (then its UPDATE_OPS run); with
+            anything frozen the inference variant runs throughout.
 """
 import dataclasses
 import os
 import re
+import tempfile
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from estimator_transfer import freezing
+from estimator_transfer import schedules
 from estimator_transfer.config import BackboneConfig, ConfigError
 
 # name -> (tf.keras.applications constructor, value range, default size)
@@ -83,18 +105,40 @@ class LayerGroup:
   name: str
   variables: list
   layer: object = None  # the Keras layer, when there is one
+  trainable_variables: Optional[list] = None  # those a freeze spec may train
+
+
+@dataclasses.dataclass
+class StageVariables:
+  """The backbone's trainable set during one stage of a freeze plan."""
+  start: int  # first global step of the stage
+  spec: str
+  frozen: List[bool]  # per group: frozen (inference mode) in this stage
+  trainable_variables: list
 
 
 @dataclasses.dataclass
 class BackboneOutput:
-  """What a model_fn needs from an instantiated backbone."""
+  """What a model_fn needs from an instantiated backbone.
+
+  `trainable_variables` is the union over all stages and is filled in every
+  mode (evaluation needs it to map moving averages); `stages` hold the
+  per-stage sets; `stage_index` is the int32 stage tensor when the plan has
+  more than one stage.
+  """
   features: tf.Tensor
   groups: List[LayerGroup]
-  frozen: List[bool]
+  stages: List[StageVariables]
   trainable_variables: list
   update_ops: list
   losses: list
   init_fn: Optional[Callable] = None  # Scaffold init_fn for pretrained weights
+  stage_index: Optional[tf.Tensor] = None
+
+  @property
+  def frozen(self) -> List[bool]:
+    """Per group, whether it is frozen in the first stage."""
+    return self.stages[0].frozen
 
 
 @dataclasses.dataclass
@@ -107,40 +151,61 @@ class ResolvedBackbone:
   build_keras: Optional[Callable[[], tf.keras.Model]] = None
   keras_weights: Optional[List[np.ndarray]] = None
   hub_path: str = ""
-  hub_groups: Optional[list] = None  # TF2 modules: [(layer, [var names])]
+  hub_groups: Optional[list] = None  # TF1 modules: [(group, [trainable var names])]
   fixed_size: bool = False
+  hub_train_tag: bool = False  # TF1 module has a {"train"} graph variant
 
-  def instantiate(self, images, freeze_spec: str, training: bool) -> BackboneOutput:
+  def instantiate(self, images, plan, training: bool) -> BackboneOutput:
     """Builds the backbone in the current graph and applies it to `images`.
 
     Args:
       images: float32 [batch, size, size, 3] RGB in [0, 1].
-      freeze_spec: a freeze spec string (see `freezing`).
+      plan: a freeze spec string, or a list of `freezing.Stage` with int
+        starts (gradual unfreezing; the stage follows the global step).
       training: whether this graph trains (mode == TRAIN).
 
     Returns:
       A BackboneOutput.
+
+    Raises:
+      ConfigError: the plan does not fit this backbone.
     """
-    spec = freezing.parse_spec(freeze_spec)
+    stages = [freezing.Stage(0, freezing.parse_spec(plan))] if isinstance(plan, str) \
+        else list(plan)
+    stage_index = None
+    if len(stages) > 1:
+      # Read the step before the train op increments it: the stage tensor
+      # feeds the forward pass, so the read is ordered before the update.
+      stage_index = tf.identity(schedules.stage_index_op(
+          tf.compat.v1.train.get_or_create_global_step(),
+          [s.start for s in stages[1:]]), name="freeze_stage")
     x = to_value_range(images, self.value_range)
     if self.kind == "keras":
-      return self._instantiate_keras(x, spec, training)
-    if self.kind == "hub_tf2":
-      return self._instantiate_hub_tf2(x, spec, training)
-    return self._instantiate_hub_tf1(x, spec, training)
+      out = self._instantiate_keras(x, stages, stage_index, training)
+    elif self.kind == "hub_tf2":
+      out = self._instantiate_hub_tf2(x, stages, stage_index, training)
+    else:
+      out = self._instantiate_hub_tf1(x, stages, stage_index, training)
+    out.stage_index = stage_index
+    return out
 
-  def _instantiate_keras(self, x, spec, training):
+  def _instantiate_keras(self, x, stages, stage_index, training):
     model = self.build_keras()
     layers = [l for l in _flat_layers(model) if l.weights]
-    frozen = freezing.frozen_mask(spec, [l.name for l in layers])
-    for layer, is_frozen in zip(layers, frozen):
-      # A Keras BatchNormalization with trainable=False runs in inference
-      # mode whatever `training` says, so its moving statistics stay fixed.
-      layer.trainable = not is_frozen
-    features = model(x, training=training and not all(frozen))
+    # Read before any `trainable` toggling empties the lists.
+    groups = [LayerGroup(l.name, list(l.weights), l, list(l.trainable_weights))
+              for l in layers]
+    resolved = _resolve_stages(stages, groups)
+    for i, layer in enumerate(layers):
+      trains = [not r.frozen_layers[i] for r in resolved]
+      # A layer that never trains is not trainable: Keras then keeps it (and
+      # its BatchNorm) in inference mode and drops its update ops.
+      layer.trainable = any(trains)
+      if hasattr(layer, "_get_training_value"):
+        _pin_training_mode(layer, _mode(trains, stage_index, training))
+    any_trains = [not all(r.frozen_layers) for r in resolved]
+    features = model(x, training=_mode(any_trains, stage_index, training))
     features = _pool(features)
-    groups = [LayerGroup(l.name, list(l.weights), l) for l in layers]
-    trainable = [v for v in model.trainable_weights] if training else []
     # Keras layers in a v1 graph keep their BatchNorm updates on the layer,
     # not in the UPDATE_OPS collection: collect them explicitly, and only those
     # fed by `x` (rebuilding the model also made updates on its own Input
@@ -151,56 +216,121 @@ class ResolvedBackbone:
     init_fn = None
     if self.keras_weights is not None:
       init_fn = _assign_init_fn(model.weights, self.keras_weights, self.description)
-    return BackboneOutput(features, groups, frozen, trainable, updates, losses, init_fn)
+    return BackboneOutput(features, groups, _stage_variables(stages, resolved, groups),
+                          _union_trainable(resolved, groups), updates, losses, init_fn)
 
-  def _instantiate_hub_tf2(self, x, spec, training):
+  def _instantiate_hub_tf2(self, x, stages, stage_index, training):
     import tensorflow_hub as hub  # pylint: disable=g-import-not-at-top
-    variables_probe = self.hub_groups
-    frozen = freezing.frozen_mask(spec, [g for g, _ in variables_probe])
-    any_trainable = not all(frozen)
-    layer = hub.KerasLayer(self.hub_path, trainable=any_trainable)
-    # A TF2 module has one BatchNorm mode for all its layers: it runs in
-    # training mode only when the whole module trains, so frozen parts never
-    # see their moving statistics change.
-    features = layer(x, training=training and not any(frozen))
-    features = _pool(features)
+    layer = hub.KerasLayer(self.hub_path, trainable=True)
+    trainable_ids = {id(v) for v in layer.trainable_weights}
     groups = _group_variables(layer.weights)
-    frozen_by_name = dict(zip([g for g, _ in variables_probe], frozen))
-    frozen = [frozen_by_name.get(g.name, True) for g in groups]
-    trainable = []
-    if training:
-      # hub.KerasLayer variables are not in the TRAINABLE_VARIABLES collection
-      # in graph mode: the var_list must be built from the layer itself.
-      trainable = [v for g, f in zip(groups, frozen) if not f for v in g.variables
-                   if any(v is t for t in layer.trainable_weights)]
-    losses = list(layer.losses) if training and any_trainable else []
+    for g in groups:
+      g.trainable_variables = [v for v in g.variables if id(v) in trainable_ids]
+    resolved = _resolve_stages(stages, groups)
+    layer.trainable = any(not all(r.frozen_layers) for r in resolved)
+    # A TF2 module has one BatchNorm mode for all its layers: it runs in
+    # training mode only when no part of it is frozen (in the current stage),
+    # so frozen parts never see their moving statistics change.
+    module_trains = [not any(r.frozen_layers) for r in resolved]
+    features = layer(x, training=_mode(module_trains, stage_index, training))
+    features = _pool(features)
+    # The module's regularization losses count only while it trains at all
+    # (hub.KerasLayer returns 0 for them when not trainable).
+    losses = list(layer.losses) if training and layer.trainable else []
     updates = list(layer.updates) if training else []
-    return BackboneOutput(features, groups, frozen, trainable, updates, losses)
+    return BackboneOutput(features, groups, _stage_variables(stages, resolved, groups),
+                          _union_trainable(resolved, groups), updates, losses)
 
-  def _instantiate_hub_tf1(self, x, spec, training):
+  def _instantiate_hub_tf1(self, x, stages, stage_index, training):
     import tensorflow_hub as hub  # pylint: disable=g-import-not-at-top
-    module_spec = hub.load_module_spec(self.hub_path)
-    any_trainable = spec.kind != "all"
-    full_train = spec.kind == "none"
-    tags = {"train"} if training and full_train else None
-    before_updates = set(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS))
-    before_losses = set(tf.compat.v1.get_collection(
-        tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES))
-    module = hub.Module(module_spec, trainable=any_trainable, tags=tags, name="hub_module")
+    del stage_index  # one graph variant for the whole run, see below
+    probe = [LayerGroup(name, [], None, list(names)) for name, names in self.hub_groups]
+    probe_resolved = _resolve_stages(stages, probe)
+    any_trainable = any(not all(r.frozen_layers) for r in probe_resolved)
+    # The graph variant is picked once, when the module is applied: the
+    # "train" variant (BatchNorm on batch statistics, dropout) only when every
+    # stage trains the whole module; with anything frozen, the inference
+    # variant keeps frozen BatchNorm layers on their moving statistics.
+    full_train = all(not any(r.frozen_layers) for r in probe_resolved)
+    tags = {"train"} if training and full_train and self.hub_train_tag else None
+    graph = tf.compat.v1.get_default_graph()
+    before_updates = set(graph.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS))
+    before_losses = set(graph.get_collection(tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES))
+    before_trainable = {id(v) for v in tf.compat.v1.trainable_variables()}
+    module = hub.Module(hub.load_module_spec(self.hub_path), trainable=any_trainable,
+                        tags=tags, name="hub_module")
     features = _pool(module(x))
-    variables = []
-    for name, var in sorted(module.variable_map.items()):
-      variables.extend(var if isinstance(var, (list, tuple)) else [var])
-    groups = _group_variables(variables, strip_prefix="hub_module/")
-    frozen = freezing.frozen_mask(spec, [g.name for g in groups])
-    trainable = [v for g, f in zip(groups, frozen) if not f for v in g.variables] \
-        if training else []
-    updates = [op for op in tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+    trainable_ids = {id(v) for v in tf.compat.v1.trainable_variables()} - before_trainable
+    by_name = {}
+    for name, var in module.variable_map.items():
+      by_name[name] = list(var) if isinstance(var, (list, tuple)) else [var]
+    groups = []
+    for g in probe:
+      variables = [v for name in _names_in_group(g.name, by_name) for v in by_name[name]]
+      trainable = [v for name in g.trainable_variables for v in by_name.get(name, [])]
+      groups.append(LayerGroup(g.name, variables, None, trainable))
+    if not any_trainable:
+      trainable_ids = set()
+    for g in groups:
+      g.trainable_variables = [v for v in g.trainable_variables if id(v) in trainable_ids]
+    updates = [op for op in graph.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
                if op not in before_updates] if training else []
-    losses = [l for l in tf.compat.v1.get_collection(
-        tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES) if l not in before_losses] \
-        if training and any_trainable else []
-    return BackboneOutput(features, groups, frozen, trainable, updates, losses)
+    losses = [l for l in graph.get_collection(tf.compat.v1.GraphKeys.REGULARIZATION_LOSSES)
+              if l not in before_losses] if training and any_trainable else []
+    return BackboneOutput(features, groups,
+                          _stage_variables(stages, probe_resolved, groups),
+                          _union_trainable(probe_resolved, groups), updates, losses)
+
+
+def _names_in_group(group: str, by_name: dict) -> List[str]:
+  return [n for n in by_name if (n.rsplit("/", 1)[0] if "/" in n else n) == group]
+
+
+def _resolve_stages(stages, groups: List[LayerGroup]) -> List[freezing.Resolution]:
+  """Applies every stage's spec to the groups (by their own names)."""
+  names = [(g.name, [_var_name(v) if not isinstance(v, str) else v
+                     for v in g.trainable_variables or []]) for g in groups]
+  return [freezing.resolve(stage.spec, names) for stage in stages]
+
+
+def _stage_variables(stages, resolved, groups) -> List[StageVariables]:
+  out = []
+  for stage, r in zip(stages, resolved):
+    variables = [v for g, flags in zip(groups, r.frozen_variables)
+                 for v, frozen in zip(g.trainable_variables or [], flags) if not frozen]
+    out.append(StageVariables(int(stage.start), str(stage.spec), list(r.frozen_layers),
+                              variables))
+  return out
+
+
+def _union_trainable(resolved, groups) -> list:
+  """Variables trained in at least one stage, in group order."""
+  out = []
+  for i, g in enumerate(groups):
+    for j, v in enumerate(g.trainable_variables or []):
+      if any(not r.frozen_variables[i][j] for r in resolved):
+        out.append(v)
+  return out
+
+
+def _mode(trains_per_stage: Sequence[bool], stage_index, training: bool):
+  """Training mode of a part: a Python bool, or a tensor when stages differ."""
+  if not training or not any(trains_per_stage):
+    return False
+  if all(trains_per_stage) or stage_index is None:
+    return bool(trains_per_stage[0]) if stage_index is None else True
+  return tf.gather(tf.constant(list(trains_per_stage)), stage_index)
+
+
+def _pin_training_mode(layer, mode) -> None:
+  """Makes a BatchNorm-like layer use `mode` whatever its caller passes.
+
+  Keras BatchNormalization asks `_get_training_value` for its mode; pinning it
+  per layer lets frozen layers run in inference mode next to trained ones in
+  one model call, in both v1 and v2 Keras classes, with a Python bool or a
+  per-stage tensor (then the layer's updates are conditional too).
+  """
+  object.__setattr__(layer, "_get_training_value", lambda training=None: mode)
 
 
 def _flat_layers(model) -> list:
@@ -246,18 +376,34 @@ def _group_variables(variables, strip_prefix: str = "") -> List[LayerGroup]:
   return groups
 
 
-def _hub_tf2_variable_names(path: str) -> List[Tuple[str, List[str]]]:
-  """Variable groups of a TF2 SavedModel, read from its checkpoint-free object graph.
+def _hub_tf1_groups(spec) -> List[Tuple[str, List[str]]]:
+  """Groups of a TF1 Hub module, in creation order, with trainable variable names.
 
-  Loading the module once in a throwaway graph gives the variable names in the
-  order hub.KerasLayer will create them, so freeze masks are known before the
-  real layer is built.
+  Applying the module once in a throwaway graph gives the names (as in its
+  variable_map) before the real module is built, so the graph variant
+  (train tag or not) can be chosen from the freeze plan. The graph's variable
+  collection keeps the module's creation order, which is its forward order
+  for first:N / last:N / until:.
   """
   import tensorflow_hub as hub  # pylint: disable=g-import-not-at-top
   with tf.Graph().as_default():
-    layer = hub.KerasLayer(path, trainable=True)
-    return [(g.name, [_var_name(v) for v in g.variables])
-            for g in _group_variables(layer.weights)]
+    module = hub.Module(spec, trainable=True)
+    trainable = {id(v) for v in tf.compat.v1.trainable_variables()}
+    order = {id(v): i for i, v in enumerate(tf.compat.v1.global_variables())}
+    names = []
+    for name, var in module.variable_map.items():
+      variables = list(var) if isinstance(var, (list, tuple)) else [var]
+      names.append((min(order.get(id(v), len(order)) for v in variables), name,
+                    any(id(v) in trainable for v in variables)))
+  groups, index = [], {}
+  for _, name, is_trainable in sorted(names):
+    prefix = name.rsplit("/", 1)[0] if "/" in name else name
+    if prefix not in index:
+      index[prefix] = len(groups)
+      groups.append((prefix, []))
+    if is_trainable:
+      groups[index[prefix]][1].append(name)
+  return groups
 
 
 def _assign_init_fn(variables, values, description):
@@ -349,9 +495,16 @@ def _resolve_size(config: BackboneConfig, native: Optional[int], fixed: bool,
   return int(size)
 
 
+def _value_range(config: BackboneConfig, native: str) -> str:
+  """The configured value range, or the backbone's own."""
+  return config.value_range or native
+
+
 def _resolve_application(name: str, args: str, config: BackboneConfig) -> ResolvedBackbone:
   ctor_name, value_range, default_size = KERAS_APPLICATIONS[name]
   kwargs = _parse_kwargs(args, config.handle)
+  # An application is built for the input size it is given (any size from
+  # 32 px on), so --image_size never mismatches; 0 takes its native size.
   size = config.image_size or default_size
   ctor = getattr(tf.keras.applications, ctor_name)
 
@@ -360,34 +513,61 @@ def _resolve_application(name: str, args: str, config: BackboneConfig) -> Resolv
       return ctor(include_top=False, weights=None, input_shape=(size, size, 3),
                   pooling="avg", **kwargs)
     except (TypeError, ValueError) as e:
-      raise ConfigError(f"--backbone={config.handle} could not be built ({e}); "
-                        "check its arguments and --image_size.") from e
+      raise ConfigError(f"--backbone={config.handle} could not be built "
+                        f"({str(e).splitlines()[0]}); check its arguments and "
+                        "--image_size.") from e
 
   weights = None
   if config.weights and config.weights.lower() != "none":
     weights = _load_keras_weights(build, config.weights, config.handle)
   return ResolvedBackbone("keras", f"keras application {config.handle}", size,
-                          value_range, build_keras=build, keras_weights=weights)
+                          _value_range(config, value_range), build_keras=build,
+                          keras_weights=weights)
 
 
 def _load_keras_weights(build, path: str, handle: str) -> List[np.ndarray]:
-  """Reads a weights file into arrays, through an eager copy of the model."""
+  """Reads a weights file into arrays, in the order of `build().weights`."""
   if not os.path.exists(path) and not os.path.exists(path + ".index"):
     raise ConfigError(f"--backbone_weights={path} does not exist; give a local "
                       ".h5 or TF weights file, or none for random initialisation.")
-  with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
-    tf.compat.v1.keras.backend.set_session(sess)
+
+  def read():
+    model = build()
     try:
-      model = build()
-      try:
-        model.load_weights(path)
-      except (ValueError, KeyError):
-        model.load_weights(path, by_name=True, skip_mismatch=False)
-      return sess.run(model.weights)
-    except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
-      raise ConfigError(f"--backbone_weights={path} does not fit {handle} "
-                        f"({str(e).splitlines()[0]}); use weights saved from the "
-                        "same architecture and arguments.") from e
+      model.load_weights(path)
+    except (ValueError, KeyError):
+      # E.g. a file saved with the classification top: match layers by name,
+      # but only if every weighted layer of ours is in the file (by_name
+      # silently skips missing layers, which would leave them random).
+      missing = _layers_missing_from_h5(model, path)
+      if missing:
+        raise ValueError(f"the file has no weights for layers {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}") from None
+      model.load_weights(path, by_name=True, skip_mismatch=False)
+    return model.weights
+
+  try:
+    if tf.executing_eagerly():
+      # Eager is the fast path (no graph, no session) and leaves Keras'
+      # global session alone.
+      return [w.numpy() for w in read()]
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      tf.compat.v1.keras.backend.set_session(sess)
+      return sess.run(read())
+  except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
+    raise ConfigError(f"--backbone_weights={path} does not fit {handle} "
+                      f"({str(e).splitlines()[0]}); use weights saved from the "
+                      "same architecture and arguments.") from e
+def _layers_missing_from_h5(model, path: str) -> List[str]:
+  """Weighted top-level layers of `model` that an .h5 weights file lacks."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  if not h5py.is_hdf5(path):
+    return []
+  with h5py.File(path, "r") as f:
+    group = f["model_weights"] if "model_weights" in f else f
+    names = {n.decode() if isinstance(n, bytes) else n
+             for n in group.attrs.get("layer_names", [])}
+  return [l.name for l in model.layers if l.weights and l.name not in names]
 
 
 def _resolve_keras_model(path: str, config: BackboneConfig) -> ResolvedBackbone:
@@ -400,8 +580,6 @@ def _resolve_keras_model(path: str, config: BackboneConfig) -> ResolvedBackbone:
     raise ConfigError(f"--backbone={config.handle} could not be loaded as a Keras "
                       f"model ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                       "check the file, or use hub: for a TF-Hub SavedModel.") from e
-  model_config = full.get_config()
-  model_class = type(full)
   output_layer = config.output_layer
 
   def cut(model):
@@ -415,9 +593,15 @@ def _resolve_keras_model(path: str, config: BackboneConfig) -> ResolvedBackbone:
                         f"{path}; the last layers are: {names}.") from e
     return tf.keras.Model(model.inputs, layer.output, name=model.name + "_cut")
 
+  # Rebuild only what is left after the cut: the layers past it would be
+  # unused variables in every graph and checkpoint.
+  cut_model = cut(full)
+  model_config = cut_model.get_config()
+  model_class = type(cut_model)
+
   def build():
     cls = tf.keras.Sequential if model_class is tf.keras.Sequential else tf.keras.Model
-    return cut(cls.from_config(model_config))
+    return cls.from_config(model_config)
 
   native = full.input_shape[1] if isinstance(full.input_shape, tuple) else None
   description = f"Keras model {path}"
@@ -427,8 +611,8 @@ def _resolve_keras_model(path: str, config: BackboneConfig) -> ResolvedBackbone:
   elif config.weights:
     weights = _load_keras_weights(build, config.weights, config.handle)
   else:
-    weights = [np.asarray(w) for w in cut(full).get_weights()]
-  return ResolvedBackbone("keras", description, size, "zero_one",
+    weights = [np.asarray(w) for w in cut_model.get_weights()]
+  return ResolvedBackbone("keras", description, size, _value_range(config, "zero_one"),
                           build_keras=build, keras_weights=weights, fixed_size=native is not None)
 
 
@@ -447,12 +631,14 @@ def _resolve_hub(handle: str, config: BackboneConfig) -> ResolvedBackbone:
   try:
     path = hub.resolve(handle)
   except Exception as e:  # pylint: disable=broad-except
-    cache = os.environ.get("TFHUB_CACHE_DIR", "(TFHUB_CACHE_DIR not set)")
     raise ConfigError(
-        f"could not fetch Hub module {handle} ({type(e).__name__}); without "
-        f"network, pre-seed the cache {cache} on a connected machine with the "
-        "same TFHUB_CACHE_DIR (python -c 'import tensorflow_hub as h; "
-        f"h.resolve(\"{handle}\")') and copy it over, or pass a local directory.") from e
+        f"could not fetch Hub module {handle} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:120] if str(e) else 'no details'}); without "
+        f"network, pre-seed the cache: unpack the module into "
+        f"{hub_cache_path(handle)} (TFHUB_CACHE_DIR/sha1 of the handle), or run "
+        f"python -c 'import tensorflow_hub as h; h.resolve(\"{handle}\")' with the "
+        "same TFHUB_CACHE_DIR on a connected machine and copy the directory "
+        "over, or pass a local module directory.") from e
   if os.path.exists(os.path.join(path, "tfhub_module.pb")):
     native, fixed = _hub_tf1_size(path)
     kind = "hub_tf1"
@@ -464,9 +650,23 @@ def _resolve_hub(handle: str, config: BackboneConfig) -> ResolvedBackbone:
                       "point --backbone at a TF-Hub module directory.")
   description = f"Hub module {handle}"
   size = _resolve_size(config, native, fixed, description)
-  groups = _hub_tf2_variable_names(path) if kind == "hub_tf2" else None
-  return ResolvedBackbone(kind, description, size, "zero_one", hub_path=path,
-                          hub_groups=groups, fixed_size=fixed)
+  groups, train_tag = None, False
+  if kind == "hub_tf1":
+    spec = hub.load_module_spec(path)
+    groups = _hub_tf1_groups(spec)
+    train_tag = any(set(tags) == {"train"} for tags in spec.get_tags())
+  # Hub image modules take RGB in [0, 1] by convention.
+  return ResolvedBackbone(kind, description, size, _value_range(config, "zero_one"),
+                          hub_path=path, hub_groups=groups, fixed_size=fixed,
+                          hub_train_tag=train_tag)
+
+
+def hub_cache_path(handle: str) -> str:
+  """Where tensorflow_hub caches (and looks for) a remote handle's module."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("TFHUB_CACHE_DIR") or os.path.join(
+      tempfile.gettempdir(), "tfhub_modules")
+  return os.path.join(cache, hashlib.sha1(handle.encode("utf8")).hexdigest())
 
 
 def _hub_tf2_size(path: str) -> Tuple[Optional[int], bool]:
@@ -493,4 +693,11 @@ def _hub_tf1_size(path: str) -> Tuple[Optional[int], bool]:
     height, _ = hub.get_expected_image_size(spec)
     return int(height), True
   except ValueError:
-    return None, False
+    pass
+  # Not the image-module convention (input "images"): a single 4D input.
+  inputs = list(spec.get_input_info_dict().values())
+  if len(inputs) == 1 and inputs[0].get_shape().rank == 4:
+    height = inputs[0].get_shape()[1]
+    if height:
+      return int(height), True
+  return None, False

@@ -31,27 +31,54 @@ class BackboneConfig:
     output_layer: for Keras models, the layer whose output is the feature
       vector (the model is cut there); empty for the model's output.
     image_size: input height/width in pixels; 0 takes it from the backbone.
+    value_range: the pixel range the backbone expects (zero_one,
+      minus_one_one, zero_255, caffe, torch); empty takes it from the backbone
+      (Keras applications know theirs; Hub modules and Keras models: zero_one).
   """
   handle: str = ""
   weights: str = ""
   output_layer: str = ""
   image_size: int = 0
+  value_range: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-  """The new classification head put on the backbone features."""
+  """The new head put on the backbone features.
+
+  Attributes:
+    kind: `classification` (softmax, or sigmoid with `multi_label`) or
+      `regression` (`num_outputs` linear outputs, mean squared error).
+    multi_label: classification with independent sigmoid outputs; labels are
+      multi-hot vectors.
+    class_weights: empty, `balanced` (n / (k * n_c) from the training data) or
+      one weight per class, e.g. `1,1,4`.
+    num_outputs: regression outputs per example.
+  """
   num_classes: int = 0
   class_names: Tuple[str, ...] = ()
   hidden_units: Tuple[int, ...] = ()
   dropout_rate: float = 0.0
   label_smoothing: float = 0.0
+  kind: str = "classification"
+  multi_label: bool = False
+  class_weights: str = ""
+  num_outputs: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class FreezeConfig:
-  """Which backbone layers stay frozen: `all`, `none`, `first:N`, `last:N`."""
+  """Which backbone layers stay frozen (see `freezing` for the spec forms).
+
+  Attributes:
+    spec: `all`, `none`, `first:N`, `last:N`, `until:<layer>` or
+      `regex:<pattern>`.
+    unfreeze_schedule: gradual unfreezing, `STEP:SPEC,...` (STEP may be
+      `<epochs>e`), e.g. `0:all,500:last:20,1500:none`; from each step on,
+      SPEC replaces `spec`. Empty: `spec` for the whole run.
+  """
   spec: str = "all"
+  unfreeze_schedule: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,24 +89,50 @@ class ScheduleConfig:
   `boundaries[i]` (exclusive); optional linear warmup over the first
   `warmup_steps` steps ramps from 0 to `values[0]`.
   """
-  boundaries: Tuple[int, ...] = ()
+  boundaries: Tuple[int, ...] = ()  # steps, or "<epochs>e" strings such as "30e"
   values: Tuple[float, ...] = (0.01,)
   warmup_steps: int = 0
+  train_size: int = 0  # examples per epoch for "e" boundaries; 0 counts train_data
+  lr_multipliers: str = ""  # REGEX=FACTOR,... on backbone/<var> and head/<var>
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  """The optimizer and what is applied around it.
+
+  Attributes:
+    weight_decay: on trainable kernels (rank >= 2) only: an L2 term
+      weight_decay/2 * |w|^2 in the loss, or decoupled (w -= lr * wd * w) for
+      adamw.
+    ema_decay: exponential moving average of the trained weights; evaluation
+      and export use the averages, training continues on the raw weights.
+  """
   name: str = "momentum"
   momentum: float = 0.9
   clip_norm: float = 0.0
+  nesterov: bool = False
+  weight_decay: float = 0.0
+  ema_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  """Where examples come from and how they are batched.
+  """Where examples come from, how they are batched and augmented.
 
   `train_data` / `eval_data` are TFRecord files, globs or directories of
-  shards (`*.tfrecord*`), or an image folder with one sub-folder per class.
+  shards (`*.tfrecord*`), an image folder with one sub-folder per class, or a
+  CSV file (glob) of numeric features with a label column.
+
+  Attributes:
+    label_key: the tf.Example key of the label: an int64 class id, or a
+      string class name (e.g. `image/class/text`) looked up in the label map.
+    on_bad_record: `skip` (count, log and skip corrupt records or images) or
+      `fail` (stop at the first one, naming its file).
+    cache: empty (off), `memory`, or a file path prefix: decoded examples are
+      kept after the first pass.
+    random_flip .. mixup_alpha: training-only augmentation (see
+      `data/augment.py`); evaluation and export never augment.
+    csv_label_column: the label column of CSV data.
   """
   train_data: str = ""
   eval_data: str = ""
@@ -89,6 +142,17 @@ class InputConfig:
   image_key: str = "image/encoded"
   label_key: str = "image/class/label"
   num_parallel_calls: int = -1  # -1: tf.data.AUTOTUNE
+  on_bad_record: str = "skip"
+  cache: str = ""
+  random_flip: str = "none"
+  random_crop: bool = False
+  crop_min_area: float = 0.25
+  rotation_degrees: float = 0.0
+  brightness: float = 0.0
+  contrast: float = 0.0
+  saturation: float = 0.0
+  mixup_alpha: float = 0.0
+  csv_label_column: str = "label"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +169,116 @@ class RunConfig:
   inter_op_threads: int = 0
 
 
+# --serving_inputs values -> the signatures they add (see export.py).
+SERVING_INPUTS = ("image_bytes", "tf_example", "image_tensor")
+BEST_METRIC_MODES = ("auto", "max", "min")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
+  """SavedModel exports for TF Serving.
+
+  Attributes:
+    export_dir: TF Serving model base path; versions are `<export_dir>/<n>`.
+    exports_to_keep: newest versions kept per export directory.
+    serving_inputs: receivers to export, the first is `serving_default`:
+      `image_bytes` (signature `predict`), `tf_example` (`classify`, or
+      `regress` for single-output regression heads), `image_tensor`
+      (`predict_images`). Empty: all three, without tf_example for a head
+      that cannot serve it.
+    export_features: also output the backbone features.
+    best_metric: eval metric that decides the best export.
+    best_metric_mode: `max`, `min`, or `auto` (min for losses and errors:
+      names containing loss, error, mse or mae; else max).
+    serving_warmup: eval records written as TF Serving warmup requests; 0 for
+      no warmup file.
+  """
   export_dir: str = ""
   exports_to_keep: int = 5
+  serving_inputs: Tuple[str, ...] = ()
+  export_features: bool = False
+  best_metric: str = "accuracy"
+  best_metric_mode: str = "auto"
+  serving_warmup: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualConfig:
+  """Continued training: start from another model, replay old data.
+
+  Attributes:
+    warm_start_from: a checkpoint prefix, a model_dir, or an exported
+      SavedModel (version dir or TF Serving base dir) whose variables
+      initialise a fresh run (backbone, head, BatchNorm statistics, EMA; not
+      the optimizer state or global step). Ignored when model_dir already
+      holds a checkpoint (the run resumes instead).
+    keep_old_classes: with `warm_start_from` a model that knows its class
+      names: the new model's classes are the old ones followed by the data's
+      new ones (merged by name) and the old head rows are kept; False: the
+      data's classes only (rows of classes still present are still copied).
+    replay_data: old training data mixed into every batch (same forms as
+      `train_data`); labels are mapped into the model's classes by name.
+    replay_ratio: expected fraction of each batch drawn from `replay_data`.
+  """
+  warm_start_from: str = ""
+  keep_old_classes: bool = True
+  replay_data: str = ""
+  replay_ratio: float = 0.5
+
+
+METRIC_MODES = ("auto", "max", "min")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+  """Interleaved evaluation during et-train and the guards that use it.
+
+  Attributes:
+    eval_every_steps: evaluate `input.eval_data` every this many steps while
+      training; 0 uses `run.save_checkpoints_steps` when a metric is set.
+    early_stopping_metric: the eval metric watched (e.g. accuracy, loss); the
+      best checkpoint by it is kept in `model_dir/best/`.
+    metric_mode: `max`, `min`, or `auto` (min for names with loss/error).
+    patience: stop after this many evaluations without an improvement of
+      more than `min_delta`; 0 never stops early.
+    min_delta: smallest change that counts as an improvement.
+    regression_tolerance: when the metric is worse than the best by more than
+      this, restore the best checkpoint's weights and optimizer state and
+      continue (the global step continues); None: off.
+    regression_lr_factor: multiply the learning rate by this at each such
+      restore (1: unchanged).
+  """
+  eval_every_steps: int = 0
+  early_stopping_metric: str = ""
+  metric_mode: str = "auto"
+  patience: int = 0
+  min_delta: float = 0.0
+  regression_tolerance: Optional[float] = None
+  regression_lr_factor: float = 1.0
+
+
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker_mirrored", "parameter_server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+  """Batch cluster jobs (TF_CONFIG) and where TensorBoard looks (see `cluster`).
+
+  Attributes:
+    distribution: how trainers cooperate: `none` (local, or asynchronous
+      parameter servers with TF_CONFIG), `mirrored`, `multi_worker_mirrored`,
+      `parameter_server`.
+    eval_throttle_secs: the evaluator task (and a local train_and_evaluate)
+      evaluates a new checkpoint at most this often.
+    summary_dir: also write training and evaluation scalars here (Vertex AI
+      TensorBoard: AIP_TENSORBOARD_LOG_DIR); empty: model_dir only.
+    wait_for_workers_secs: the chief holds its first step until every worker
+      has joined, at most this long; 0: start at once (Estimator's way).
+  """
+  distribution: str = "none"
+  eval_throttle_secs: int = 60
+  summary_dir: str = ""
+  wait_for_workers_secs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +292,9 @@ class ExperimentConfig:
   input: InputConfig = InputConfig()
   run: RunConfig = RunConfig()
   export: ExportConfig = ExportConfig()
+  continual: ContinualConfig = ContinualConfig()
+  guards: GuardConfig = GuardConfig()
+  cluster: ClusterConfig = ClusterConfig()
 
   def validate(self) -> "ExperimentConfig":
     """Checks the whole config; returns it unchanged.
@@ -173,7 +346,8 @@ class ExperimentConfig:
     return cls.from_dict(json.loads(text))
 
 
-_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
+_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
+_HEAD_KINDS = ("classification", "regression")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -189,7 +363,13 @@ def _validate(cfg: ExperimentConfig) -> None:
   _require(b.image_size >= 0 and (b.image_size == 0 or b.image_size >= 8),
            f"--image_size={b.image_size} is invalid; use a size of at least 8 "
            "pixels, or 0 to take it from the backbone.")
-  _require(h.num_classes >= 2 or h.num_classes == 0,
+  _require(h.kind in _HEAD_KINDS,
+           f"--head={h.kind} is not supported; choose classification or regression.")
+  _require(h.num_outputs >= 1, f"--num_outputs must be at least 1, got {h.num_outputs}.")
+  _require(not (h.multi_label and h.kind == "regression"),
+           "--multi_label applies to classification heads; drop it or --head=regression.")
+  _require(h.num_classes >= 2 or h.num_classes == 0 or
+           (h.multi_label and h.num_classes == 1),
            f"the head needs at least 2 classes, got {h.num_classes}; check "
            "--num_classes or the label map of your data.")
   _require(not h.class_names or len(h.class_names) == h.num_classes,
@@ -206,10 +386,13 @@ def _validate(cfg: ExperimentConfig) -> None:
            f"(got {len(s.values)} values for {len(s.boundaries)} boundaries).")
   _require(all(v >= 0 for v in s.values),
            f"--lr_values must not be negative, got {list(s.values)}.")
-  _require(all(x > 0 for x in s.boundaries) and
-           all(a < b2 for a, b2 in zip(s.boundaries, s.boundaries[1:])),
-           f"--lr_boundaries must be positive and strictly increasing steps, "
-           f"got {list(s.boundaries)}.")
+  _require(s.train_size >= 0, "--train_size must not be negative (0: count the data).")
+  _require(0.0 <= o.weight_decay, "--weight_decay must not be negative.")
+  _require(0.0 <= o.ema_decay < 1.0,
+           f"--ema_decay={o.ema_decay} must be in [0, 1), e.g. 0.999 (0: off).")
+  from estimator_transfer import schedules  # local: schedules imports config
+  schedules.check_boundaries(s.boundaries)
+  schedules.parse_multipliers(s.lr_multipliers)
   _require(s.warmup_steps >= 0, "--warmup_steps must not be negative.")
   _require(o.name in _OPTIMIZERS,
            f"--optimizer={o.name} is not supported; choose one of "
@@ -217,14 +400,77 @@ def _validate(cfg: ExperimentConfig) -> None:
   _require(o.clip_norm >= 0, "--clip_norm must not be negative.")
   _require(i.batch_size > 0, f"--batch_size must be positive, got {i.batch_size}.")
   _require(i.eval_batch_size >= 0, "--eval_batch_size must not be negative.")
+  _require(i.on_bad_record in ("skip", "fail"),
+           f"--on_bad_record={i.on_bad_record} is invalid; use skip or fail.")
+  _require(i.shuffle_buffer >= 0, "--shuffle_buffer must not be negative.")
+  from estimator_transfer.data import augment  # local: data imports config
+  augment.validate(i)
   _require(r.max_steps > 0, f"--max_steps must be positive, got {r.max_steps}.")
   _require(r.save_checkpoints_steps > 0, "--save_checkpoints_steps must be positive.")
   _require(r.keep_checkpoint_max > 0, "--keep_checkpoint_max must be positive.")
   _require(r.log_every_steps > 0, "--log_every_steps must be positive.")
   _require(r.eval_steps >= 0, "--eval_steps must not be negative (0: whole eval set).")
   _require(cfg.export.exports_to_keep > 0, "--exports_to_keep must be positive.")
+  _validate_export(cfg.export, h)
+  _require(cfg.cluster.distribution in DISTRIBUTIONS,
+           f"--distribution={cfg.cluster.distribution} is not supported; choose one of "
+           f"{', '.join(DISTRIBUTIONS)}.")
+  _require(cfg.cluster.eval_throttle_secs >= 0,
+           "--eval_throttle_secs must not be negative.")
+  _require(cfg.cluster.wait_for_workers_secs >= 0,
+           "--wait_for_workers_secs must not be negative.")
+  _validate_continual(cfg.continual, cfg.guards)
   from estimator_transfer import freezing  # local: freezing imports config
   freezing.parse_spec(cfg.freeze.spec)
+  freezing.parse_schedule(cfg.freeze.unfreeze_schedule)
+  from estimator_transfer import backbones  # local: backbones imports config
+  _require(not b.value_range or b.value_range in backbones.VALUE_RANGES,
+           f"--backbone_value_range={b.value_range} is not one of "
+           f"{', '.join(backbones.VALUE_RANGES)}.")
+  from estimator_transfer import heads  # local: heads imports config
+  heads.parse_class_weights(h.class_weights, h.num_classes)
+
+
+def _validate_continual(c: ContinualConfig, g: GuardConfig) -> None:
+  _require(0.0 < c.replay_ratio < 1.0,
+           f"--replay_ratio={c.replay_ratio} must be between 0 and 1 (exclusive): "
+           "the expected share of replayed examples in each batch.")
+  _require(g.eval_every_steps >= 0, "--eval_every_steps must not be negative.")
+  _require(g.metric_mode in METRIC_MODES,
+           f"--metric_mode={g.metric_mode} is invalid; use {', '.join(METRIC_MODES)}.")
+  _require(g.patience >= 0, "--patience must not be negative (0: no early stopping).")
+  _require(g.min_delta >= 0, "--min_delta must not be negative.")
+  _require(g.regression_tolerance is None or g.regression_tolerance >= 0,
+           "--regression_tolerance must not be negative.")
+  _require(0.0 < g.regression_lr_factor <= 1.0,
+           f"--regression_lr_factor={g.regression_lr_factor} must be in (0, 1].")
+  _require(bool(g.early_stopping_metric) or
+           (not g.patience and g.regression_tolerance is None),
+           "--patience and --regression_tolerance watch an eval metric; set "
+           "--early_stopping_metric (e.g. accuracy or loss).")
+
+
+def _validate_export(e: ExportConfig, h: HeadConfig) -> None:
+  unknown = [k for k in e.serving_inputs if k not in SERVING_INPUTS]
+  _require(not unknown,
+           f"--serving_inputs={','.join(e.serving_inputs)} is invalid; list one or "
+           f"more of {', '.join(SERVING_INPUTS)} (the first is serving_default).")
+  _require(len(set(e.serving_inputs)) == len(e.serving_inputs),
+           f"--serving_inputs={','.join(e.serving_inputs)} names an input twice; "
+           "list each once.")
+  _require("tf_example" not in e.serving_inputs or h.kind != "regression" or
+           h.num_outputs == 1,
+           f"--serving_inputs=tf_example serves TF Serving's regress, which takes one "
+           f"value per example, but the head has {h.num_outputs} outputs; drop "
+           "tf_example from --serving_inputs.")
+  _require(bool(e.best_metric.strip()), "--best_metric must name an eval metric, "
+           "e.g. accuracy or loss.")
+  _require(e.best_metric_mode in BEST_METRIC_MODES,
+           f"--best_metric_mode={e.best_metric_mode} is invalid; use "
+           f"{', '.join(BEST_METRIC_MODES)}.")
+  _require(0 <= e.serving_warmup <= 1000,
+           f"--serving_warmup={e.serving_warmup} must be between 0 (no warmup "
+           "file) and 1000 (TF Serving's limit).")
 
 
 def save(cfg: ExperimentConfig, model_dir: str) -> str:

@@ -1,5 +1,15 @@
-"""SessionRunHooks used by the training loop."""
+"""SessionRunHooks used by the training loop.
+
+Besides progress logging: the guards that keep a long run from shipping or
+persisting a broken state (NaN/Inf guard, finite-checkpoint listener), the
+SIGTERM handling of cluster preemption, and the restore of another
+checkpoint's variables into a running session (restore-best).
+"""
 import logging
+import math
+import os
+import signal
+import threading
 import time
 
 import tensorflow as tf
@@ -57,3 +67,173 @@ class ProgressHook(tf.compat.v1.train.SessionRunHook):
              step, self._max_steps, run_values.results["loss"], run_values.results["lr"],
              rate, _fmt_seconds(now - self._start), _fmt_seconds(eta))
     self._last_time, self._last_step = now, step
+
+
+# The training loss, put here by the runner's model_fn wrapper, so hooks built
+# before the graph can find it.
+TRAIN_LOSS_COLLECTION = "estimator_transfer_train_loss"
+
+
+class DivergedError(RuntimeError):
+  """Training produced a NaN or Inf; nothing was saved from that state."""
+
+
+def _latest_checkpoint_text(model_dir: str) -> str:
+  latest = tf.train.latest_checkpoint(model_dir) if model_dir else None
+  return f"the last good checkpoint is {latest}" if latest else \
+      "no checkpoint was written yet"
+
+
+class NonFiniteLossHook(tf.compat.v1.train.SessionRunHook):
+  """Stops training on a NaN or Inf loss, naming the step and last good checkpoint.
+
+  Estimator's own NanTensorHook misses Inf and says neither. This hook runs
+  before it and raises `DivergedError`; an exception out of a step skips the
+  hooks' `end()`, so no final checkpoint is written from the diverged state
+  (checkpoints due at that very step are stopped by
+  `FiniteCheckpointListener`).
+  """
+
+  def __init__(self, model_dir: str):
+    self._model_dir = model_dir
+
+  def begin(self):
+    losses = tf.compat.v1.get_collection(TRAIN_LOSS_COLLECTION) or \
+        tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.LOSSES)
+    if not losses:
+      raise RuntimeError("NonFiniteLossHook found no training loss in the graph.")
+    self._loss = losses[-1]
+    self._global_step = tf.compat.v1.train.get_global_step()
+    self._step = None
+
+  def after_create_session(self, session, coord):
+    self._step = int(session.run(self._global_step))
+
+  def before_run(self, run_context):
+    return tf.compat.v1.train.SessionRunArgs(self._loss)
+
+  def after_run(self, run_context, run_values):
+    loss = float(run_values.results)
+    step = self._step
+    self._step += 1
+    if not math.isfinite(loss):
+      raise DivergedError(
+          f"the training loss is {loss} at global step {step}; training stopped "
+          f"and nothing was saved from this state; {_latest_checkpoint_text(self._model_dir)}"
+          " (lower --lr_values or set --clip_norm, then re-run to resume from it).")
+
+
+class FiniteCheckpointListener(tf.compat.v1.train.CheckpointSaverListener):
+  """Refuses to write a checkpoint whose variables hold a NaN or Inf.
+
+  The Estimator's CheckpointSaverHook runs before any user hook in a step, so
+  a step whose update made the weights non-finite would otherwise be saved
+  before the loss of the next step shows it.
+  """
+
+  def __init__(self, model_dir: str):
+    self._model_dir = model_dir
+
+  def begin(self):
+    variables = [v for v in tf.compat.v1.global_variables() if v.dtype.base_dtype.is_floating]
+    self._names = [v.op.name for v in variables]
+    with tf.name_scope("finite_check"):
+      self._finite = tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables]) \
+          if variables else tf.constant([], tf.bool)
+
+  def before_save(self, session, global_step_value):
+    finite = session.run(self._finite)
+    bad = [n for n, ok in zip(self._names, finite) if not ok]
+    if bad:
+      raise DivergedError(
+          f"variable {bad[0]} holds NaN or Inf at global step {global_step_value} "
+          f"({len(bad)} variables in all); training stopped without writing that "
+          f"checkpoint; {_latest_checkpoint_text(self._model_dir)} (lower --lr_values "
+          "or set --clip_norm, then re-run to resume from it).")
+
+
+class PreemptionHandler:
+  """Context manager: the first SIGTERM asks training to save and stop.
+
+  Cluster schedulers send SIGTERM before they kill a preempted task. Inside
+  the `with` block the first SIGTERM only sets `requested`; `StopOnSignalHook`
+  then stops the step loop, Estimator's checkpoint hook saves the current step
+  in its `end()`, and the caller returns normally (exit 0). A second SIGTERM
+  gets the previous handler (by default: terminate at once).
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._signals = signals
+    self._previous = {}
+    self.requested = False
+    self.signal_name = ""
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    self.signal_name = signal.Signals(signum).name
+    log.warning("%s received: saving a checkpoint and stopping (send it again to "
+                "stop at once)", self.signal_name)
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self._signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    else:
+      log.warning("not on the main thread: SIGTERM will not save a checkpoint")
+    return self
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+    return False
+
+
+class StopOnSignalHook(tf.compat.v1.train.SessionRunHook):
+  """Requests a clean stop (hooks' end() runs: a checkpoint is saved) after a signal."""
+
+  def __init__(self, handler: PreemptionHandler):
+    self._handler = handler
+
+  def after_run(self, run_context, run_values):
+    if self._handler.requested:
+      run_context.request_stop()
+
+
+class RestoreCheckpointHook(tf.compat.v1.train.SessionRunHook):
+  """Loads every variable but the global step from `checkpoint_path` at session start.
+
+  Used by restore-best: the run keeps its global step (and so its schedule
+  position) but continues from the best checkpoint's weights, BatchNorm
+  statistics, EMA and optimizer slots. Runs after the Estimator's own
+  checkpoint hook, whose session-start save therefore still holds the state
+  it resumed from.
+  """
+
+  def __init__(self, checkpoint_path: str):
+    self._path = checkpoint_path
+    self.restored = []
+
+  def begin(self):
+    available = tf.train.load_checkpoint(self._path).get_variable_to_shape_map()
+    global_step = tf.compat.v1.train.get_global_step()
+    var_list = {}
+    for var in tf.compat.v1.global_variables():
+      name = var.op.name
+      if var is global_step or name == "global_step":
+        continue
+      if name in available and list(available[name]) == var.shape.as_list():
+        var_list[name] = var
+    if not var_list:
+      raise RuntimeError(f"{self._path} shares no variables with this model.")
+    self.restored = sorted(var_list)
+    self._saver = tf.compat.v1.train.Saver(var_list=var_list, sharded=False,
+                                           name="restore_best")
+
+  def after_create_session(self, session, coord):
+    del coord
+    self._saver.restore(session, self._path)
+    log.info("restored %d variables from %s (global step kept)", len(self.restored),
+             os.path.basename(self._path))

@@ -1,25 +1,187 @@
-"""Optimizer names -> tf.compat.v1 optimizers (their slots live in checkpoints)."""
+"""Optimizers and the train op: tf.compat.v1 optimizers (slots in checkpoints).
+
+`build_train_op` puts together what surrounds the optimizer:
+
+* explicit var_lists (hub.KerasLayer variables are not in the graph's
+  TRAINABLE_VARIABLES collection, so nothing relies on it);
+* gradual unfreezing: one apply step per stage, each over that stage's
+  variables, picked by `tf.switch_case` on the stage index read from the
+  global step. Gradients are computed once for the union of all stages (a
+  frozen variable's gradient is computed but never applied), and a variable
+  that is frozen in a stage is not touched at all in it: no momentum or Adam
+  update moves it, because its apply op is not in that stage's branch;
+* discriminative learning rates: one optimizer per distinct multiplier, with
+  learning_rate * factor (exact for every optimizer, Adam included, unlike
+  scaling gradients); factor 0 leaves the variables out;
+* `clip_norm` on the global norm of the gradients applied in the step;
+* weight decay on trainable kernels only (rank >= 2: conv and dense kernels,
+  not biases nor BatchNorm gamma/beta/statistics): an L2 term wd/2 * |w|^2 in
+  the loss (`weight_decay_loss`; SGD then does w -= lr * wd * w), or
+  decoupled w -= lr * factor * wd * w before the Adam step for `adamw`;
+* an exponential moving average of the trained variables (`build_ema`),
+  updated after each step.
+"""
+from typing import Callable, Optional, Sequence
+
 import tensorflow as tf
 
 from estimator_transfer.config import ConfigError, OptimizerConfig
 
+_DEFAULT_NAMES = {"sgd": "GradientDescent", "momentum": "Momentum",
+                  "nesterov": "Momentum", "adam": "Adam", "adamw": "Adam",
+                  "rmsprop": "RMSProp"}
 
-def build_optimizer(config: OptimizerConfig, learning_rate):
+
+def build_optimizer(config: OptimizerConfig, learning_rate, name: Optional[str] = None):
   """Returns a `tf.compat.v1.train.Optimizer` for `config`.
+
+  Args:
+    config: the optimizer config (`adamw` gives Adam: the decoupled decay is
+      applied by `build_train_op`).
+    learning_rate: float or scalar tensor.
+    name: the optimizer's name (slot variables are `<var>/<name>`); None for
+      the default.
 
   Raises:
     ConfigError: unknown optimizer name.
   """
   v1 = tf.compat.v1.train
+  if config.name not in _DEFAULT_NAMES:
+    raise ConfigError(f"--optimizer={config.name} is not supported; choose sgd, "
+                      "momentum, nesterov, adam, adamw or rmsprop.")
+  name = name or _DEFAULT_NAMES[config.name]
   if config.name == "sgd":
-    return v1.GradientDescentOptimizer(learning_rate)
-  if config.name == "momentum":
-    return v1.MomentumOptimizer(learning_rate, config.momentum)
-  if config.name == "nesterov":
-    return v1.MomentumOptimizer(learning_rate, config.momentum, use_nesterov=True)
-  if config.name == "adam":
-    return v1.AdamOptimizer(learning_rate)
-  if config.name == "rmsprop":
-    return v1.RMSPropOptimizer(learning_rate, momentum=config.momentum)
-  raise ConfigError(f"--optimizer={config.name} is not supported; choose sgd, "
-                    "momentum, nesterov, adam or rmsprop.")
+    return v1.GradientDescentOptimizer(learning_rate, name=name)
+  if config.name in ("momentum", "nesterov"):
+    return v1.MomentumOptimizer(learning_rate, config.momentum, name=name,
+                                use_nesterov=config.nesterov or config.name == "nesterov")
+  if config.name in ("adam", "adamw"):
+    return v1.AdamOptimizer(learning_rate, name=name)
+  return v1.RMSPropOptimizer(learning_rate, momentum=config.momentum, name=name)
+
+
+def is_decayed(variable) -> bool:
+  """Weight decay applies to kernels (rank >= 2), never to biases or BatchNorm."""
+  return variable.shape.rank is not None and variable.shape.rank >= 2
+
+
+def weight_decay_loss(config: OptimizerConfig, variables: Sequence) -> Optional[tf.Tensor]:
+  """wd/2 * sum |w|^2 over the decayed variables; None when not applicable.
+
+  Not used for `adamw`, whose decay is decoupled from the gradient.
+  """
+  if not config.weight_decay or config.name == "adamw":
+    return None
+  kernels = [v for v in variables if is_decayed(v)]
+  if not kernels:
+    return None
+  return tf.multiply(config.weight_decay,
+                     tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in kernels]),
+                     name="weight_decay_loss")
+
+
+def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
+                   stage_var_lists: Sequence[list], stage_index=None,
+                   factor_fn: Callable[[object], float] = lambda v: 1.0,
+                   update_ops: Sequence = ()):
+  """Builds the op that takes one training step and increments global_step.
+
+  Args:
+    config: the optimizer config.
+    loss: scalar loss tensor (regularization included).
+    learning_rate: scalar tensor (the schedule).
+    global_step: the global step variable.
+    stage_var_lists: per stage, the variables to train (head included).
+    stage_index: int32 scalar tensor picking the stage; None for one stage.
+    factor_fn: variable -> learning-rate multiplier.
+    update_ops: ops to run before the step (BatchNorm moving statistics).
+
+  Returns:
+    The train op.
+
+  Raises:
+    ConfigError: a stage has nothing to train.
+  """
+  union = _unique([v for vs in stage_var_lists for v in vs])
+  factors = {id(v): float(factor_fn(v)) for v in union}
+  for i, variables in enumerate(stage_var_lists):
+    if not [v for v in variables if factors[id(v)] > 0]:
+      raise ConfigError(
+          f"nothing is trainable{' in unfreeze stage ' + str(i) if len(stage_var_lists) > 1 else ''}: "
+          "every variable is frozen or has learning-rate multiplier 0; loosen "
+          "--freeze / --unfreeze_schedule or --lr_multipliers.")
+  grads = tf.gradients(loss, union)
+  grad_of = {id(v): g for v, g in zip(union, grads)}
+
+  # One optimizer per distinct factor, shared by all stages (so every
+  # variable has one set of slots). Factor 1 keeps the default name.
+  optimizers = {}
+  for v in union:
+    f = factors[id(v)]
+    if f > 0 and f not in optimizers:
+      suffix = "" if f == 1.0 else f"_x{len(optimizers)}"
+      opt_name = _DEFAULT_NAMES[config.name] + suffix
+      optimizers[f] = build_optimizer(config, learning_rate * f if f != 1.0 else
+                                      learning_rate, name=opt_name)
+
+  def stage_step(variables):
+    pairs = [(grad_of[id(v)], v) for v in _unique(variables)
+             if grad_of[id(v)] is not None and factors[id(v)] > 0]
+    if config.clip_norm and pairs:
+      clipped, _ = tf.clip_by_global_norm([g for g, _ in pairs], config.clip_norm)
+      pairs = [(g, v) for g, (_, v) in zip(clipped, pairs)]
+    decays = []
+    if config.name == "adamw" and config.weight_decay:
+      for _, v in pairs:
+        if is_decayed(v):
+          rate = learning_rate * factors[id(v)] * config.weight_decay
+          decays.append(v.assign_sub(rate * v.read_value()).op)
+    applies = []
+    with tf.control_dependencies(decays):
+      for f, optimizer in optimizers.items():
+        group = [(g, v) for g, v in pairs if factors[id(v)] == f]
+        if group:
+          applies.append(optimizer.apply_gradients(group))
+    return tf.group(*applies, *decays)
+
+  with tf.control_dependencies(list(update_ops)):
+    if stage_index is None or len(stage_var_lists) == 1:
+      step = stage_step(stage_var_lists[0])
+    else:
+      branches = []
+      for i, variables in enumerate(stage_var_lists):
+        def branch(variables=variables, i=i):
+          with tf.control_dependencies([stage_step(variables)]):
+            return tf.constant(i)
+        branches.append(branch)
+      step = tf.switch_case(stage_index, branches, name="unfreeze_stage_step")
+  with tf.control_dependencies([step]):
+    return tf.compat.v1.assign_add(global_step, 1, name="train_op").op
+
+
+def build_ema(config: OptimizerConfig) -> Optional[tf.compat.v1.train.ExponentialMovingAverage]:
+  """The moving average of the trained weights, or None when off."""
+  if not config.ema_decay:
+    return None
+  return tf.compat.v1.train.ExponentialMovingAverage(config.ema_decay)
+
+
+def ema_restore_saver(ema, variables: Sequence) -> tf.compat.v1.train.Saver:
+  """A Saver that loads each of `variables` from its moving average.
+
+  Every other global variable loads from itself, so evaluation and export
+  graphs see the averaged weights under their usual names.
+  """
+  mapping = ema.variables_to_restore(list(variables))
+  for saveable in tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.SAVEABLE_OBJECTS):
+    mapping[saveable.name] = saveable
+  return tf.compat.v1.train.Saver(mapping, sharded=True)
+
+
+def _unique(items):
+  seen, out = set(), []
+  for item in items:
+    if id(item) not in seen:
+      seen.add(id(item))
+      out.append(item)
+  return out

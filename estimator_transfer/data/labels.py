@@ -41,6 +41,31 @@ def folder_class_names(path: str) -> List[str]:
                 if not e.startswith(".") and tf.io.gfile.isdir(os.path.join(path, e)))
 
 
+def label_ids(names, class_names, what: str = "class folder") -> List[int]:
+  """Maps class names to ids through the label map (position in `class_names`).
+
+  Args:
+    names: the names to map (e.g. class folder names).
+    class_names: the label map, line i is class i; empty keeps `names` order
+      sorted (ids of sorted names).
+    what: how to call a name in the error (e.g. "class folder").
+
+  Raises:
+    ConfigError: a name is not in the label map.
+  """
+  if not class_names:
+    ordered = sorted(names)
+    return [ordered.index(n) for n in names]
+  index = {n: i for i, n in enumerate(class_names)}
+  missing = [n for n in names if n not in index]
+  if missing:
+    raise ConfigError(f"{what} '{missing[0]}' is not in the label map "
+                      f"({len(class_names)} classes: {', '.join(list(class_names)[:5])}"
+                      f"{', ...' if len(class_names) > 5 else ''}); add it to "
+                      "--label_map / labels.txt or remove it from the data.")
+  return [index[n] for n in names]
+
+
 def data_dir(data: str) -> str:
   """The directory a data spec (dir, file or glob) lives in."""
   if tf.io.gfile.isdir(data):

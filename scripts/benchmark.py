@@ -1,0 +1,261 @@
+"""Benchmarks: `python scripts/benchmark.py [--only=input] [--quick]`.
+
+Sections are functions in SECTIONS (name -> function(args) -> list of result
+rows); each prints a markdown table and is stored in bench/results.json under
+its name (other sections' results are kept), with the machine it ran on.
+
+input: images/s of the JPEG TFRecord input_fn (training mode: shuffle, decode,
+  resize, batch) with and without augmentation, at the demo size (32 px,
+  sources 32 px) and at 224 px (sources 256 px); and the ratio of training
+  throughput (Estimator steps, same backbone, same batch) when fed from JPEG
+  TFRecords vs from an in-memory tensor batch. Target: ratio >= 0.85, i.e. the
+  input pipeline is not the bottleneck. --quick measures the training ratio
+  at the demo size only, with fewer steps.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+RESULTS_PATH = os.path.join(ROOT, "bench", "results.json")
+AUGMENT = dict(random_flip="horizontal", random_crop=True, brightness=0.2,
+               contrast=0.2, saturation=0.2, rotation_degrees=10.0)
+
+
+# --- shared helpers -------------------------------------------------------------
+
+
+def print_table(title, rows):
+  """Prints rows (dicts with the same keys) as a markdown table."""
+  if not rows:
+    return
+  keys = list(rows[0])
+  print(f"\n### {title}\n")
+  print("| " + " | ".join(keys) + " |")
+  print("|" + "|".join("---" for _ in keys) + "|")
+  for row in rows:
+    cells = [f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else
+             (f"{v:.0f}" if isinstance(v, float) else str(v)) for v in row.values()]
+    print("| " + " | ".join(cells) + " |")
+
+
+def machine():
+  return {"cpus": os.cpu_count(), "platform": platform.platform(),
+          "python": platform.python_version()}
+
+
+def save_results(section, rows, args):
+  os.makedirs(os.path.dirname(RESULTS_PATH), exist_ok=True)
+  results = {}
+  if os.path.exists(RESULTS_PATH):
+    with open(RESULTS_PATH) as f:
+      results = json.load(f)
+  results[section] = {"rows": rows, "quick": args.quick, "machine": machine(),
+                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+  with open(RESULTS_PATH + ".tmp", "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(RESULTS_PATH + ".tmp", RESULTS_PATH)
+
+
+# --- section: input -----------------------------------------------------------------
+
+
+def _write_jpeg_records(out_dir, count, source_size, num_shards=4, num_classes=5, seed=0):
+  """JPEG TFRecords of smooth random images (compress like photos, not noise)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import tfrecords  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(seed)
+  distinct = min(count, 64)  # encode a few, repeat them: writing is not measured
+  encoded = []
+  for _ in range(distinct):
+    small = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    image = tf.image.resize(small[None], [source_size, source_size], "bicubic")[0]
+    image += rng.normal(0, 8, image.shape)
+    encoded.append(tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8),
+                                     quality=90).numpy())
+  examples = (tfrecords.make_example(encoded[i % distinct], i % num_classes,
+                                     image_format="jpeg") for i in range(count))
+  tfrecords.write_shards(examples, out_dir, "bench", num_shards)
+  labels_lib.write_labels_file(os.path.join(out_dir, "labels.txt"),
+                               [f"c{i}" for i in range(num_classes)])
+  return out_dir
+
+
+def _pipeline_rate(data, size, augment, batch, batches, seed=1):
+  """Images/s of the training input_fn iterated eagerly (after warm-up)."""
+  from estimator_transfer.config import InputConfig  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  config = InputConfig(batch_size=batch, shuffle_buffer=1024, **(AUGMENT if augment else {}))
+  iterator = iter(input_fns.build_input_fn(config, data, size, training=True, seed=seed,
+                                           num_classes=5)())
+  for _ in range(5):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches * batch / (time.perf_counter() - start)
+
+
+def _best_pipeline_rate(data, size, augment, batch, batches, repeats):
+  return max(_pipeline_rate(data, size, augment, batch, batches) for _ in range(repeats))
+
+
+class _StepTimer:
+  """SessionRunHook: wall time between global step `warmup` and the last step."""
+
+  def __init__(self, warmup):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    class Hook(tf.compat.v1.train.SessionRunHook):
+      def __init__(hook):  # pylint: disable=no-self-argument
+        hook.steps = 0
+        hook.t_start = hook.t_end = None
+
+      def after_run(hook, run_context, run_values):  # pylint: disable=no-self-argument
+        del run_context, run_values
+        hook.steps += 1
+        now = time.perf_counter()
+        if hook.steps == warmup:
+          hook.t_start = now
+        hook.t_end = now
+
+    self.hook = Hook()
+    self.warmup = warmup
+
+  def steps_per_second(self):
+    return (self.hook.steps - self.warmup) / (self.hook.t_end - self.hook.t_start)
+
+
+def _demo_backbone(size, work):
+  """A Keras .h5 of the demo CNN (the demo's own pretrained one at 32 px)."""
+  pretrained = os.path.join(ROOT, "demo_backbone", "keras_model.h5")
+  if size == 32 and os.path.exists(pretrained):
+    return pretrained
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  from make_demo_backbone import build_demo_cnn  # pylint: disable=g-import-not-at-top
+  tf.keras.utils.set_random_seed(0)
+  path = os.path.join(work, f"demo_cnn_{size}.h5")
+  build_demo_cnn(size).save(path)
+  return path
+
+
+def _training_rate(data, size, backbone, batch, steps, work, in_memory):
+  """Examples/s of Estimator training on the backbone (fine-tuning everything)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from estimator_transfer import config as config_lib  # pylint: disable=g-import-not-at-top
+  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  model_dir = tempfile.mkdtemp(dir=work)
+  cfg = config_lib.ExperimentConfig(
+      backbone=config_lib.BackboneConfig(handle=backbone, image_size=size),
+      head=config_lib.HeadConfig(num_classes=5),
+      freeze=config_lib.FreezeConfig("none"),
+      input=config_lib.InputConfig(train_data=data, batch_size=batch, shuffle_buffer=1024),
+      run=config_lib.RunConfig(model_dir=model_dir, max_steps=steps,
+                               save_checkpoints_steps=10 * steps, log_every_steps=10 * steps,
+                               seed=1))
+  experiment = runner.Experiment(cfg)
+  if in_memory:
+    # The ideal input: one decoded batch already in memory, repeated.
+    images = next(iter(input_fns.build_input_fn(cfg.input, data, size, training=True,
+                                                seed=1)()))[0]["image"].numpy()
+    labels = np.arange(batch, dtype=np.int32) % 5
+
+    def input_fn():
+      ds = tf.data.Dataset.from_tensors(({"image": images}, labels)).repeat()
+      return ds.prefetch(2)
+  else:
+    input_fn = experiment.input_fn(data, training=True)
+  warmup = max(3, steps // 5)
+  timer = _StepTimer(warmup)
+  experiment.estimator.train(input_fn, max_steps=steps, hooks=[timer.hook])
+  shutil.rmtree(model_dir, ignore_errors=True)
+  return timer.steps_per_second() * batch
+
+
+def section_input(args):
+  """Input pipeline images/s and the JPEG-vs-in-memory training ratio."""
+  work = tempfile.mkdtemp(prefix="et_bench_")
+  rows = []
+  try:
+    sizes = [("demo", 32, 32), ("224px", 224, 256)]
+    data = {}
+    for name, size, source in sizes:
+      count = 512 if size == 32 else 256
+      data[name] = _write_jpeg_records(os.path.join(work, name), count, source)
+    for name, size, _ in sizes:
+      batches = (30 if size == 32 else 8) * (1 if args.quick else 3)
+      for augment in (False, True):
+        rate = _best_pipeline_rate(data[name], size, augment, 32, batches, args.repeats)
+        rows.append({"measure": f"JPEG TFRecord input_fn, {name}"
+                                f"{' + augmentation' if augment else ''}",
+                     "images/s": rate})
+        print(f"benchmark: {rows[-1]['measure']}: {rate:.0f} images/s", flush=True)
+    ratio_sizes = sizes[:1] if args.quick else sizes
+    for name, size, _ in ratio_sizes:
+      steps = (60 if size == 32 else 15) * (1 if args.quick else 2)
+      backbone = _demo_backbone(size, work)
+      rates = {True: 0.0, False: 0.0}
+      # Alternating runs, best of each: other load on the machine only ever
+      # slows a run down, so the best run is the least disturbed one.
+      for _ in range(args.repeats):
+        for in_memory in (True, False):
+          rate = _training_rate(data[name], size, backbone, 32, steps, work, in_memory)
+          rates[in_memory] = max(rates[in_memory], rate)
+          print(f"benchmark: training {name} from "
+                f"{'memory' if in_memory else 'JPEG TFRecords'}: {rate:.0f} examples/s",
+                flush=True)
+      rows.append({"measure": f"training examples/s from memory, demo CNN, {name}",
+                   "images/s": rates[True]})
+      rows.append({"measure": f"training examples/s from JPEG TFRecords, demo CNN, {name}",
+                   "images/s": rates[False]})
+      rows.append({"measure": f"ratio TFRecords/memory, {name} (target >= 0.85)",
+                   "images/s": rates[False] / rates[True]})
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return rows
+
+
+SECTIONS = {
+    "input": section_input,
+}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="comma-separated sections: "
+                      + ", ".join(SECTIONS))
+  parser.add_argument("--quick", action="store_true", help="fewer steps and sizes")
+  parser.add_argument("--repeats", type=int, default=2, help="alternating runs per "
+                      "training measurement (the best is kept)")
+  args = parser.parse_args(argv)
+  names = [n for n in args.only.split(",") if n] or list(SECTIONS)
+  unknown = [n for n in names if n not in SECTIONS]
+  if unknown:
+    parser.exit(1, f"benchmark: error: unknown section {unknown[0]!r}; choose from "
+                f"{', '.join(SECTIONS)}\n")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel("ERROR")
+  for name in names:
+    start = time.time()
+    rows = SECTIONS[name](args)
+    print_table(f"{name} ({time.time() - start:.0f}s, {os.cpu_count()} CPUs"
+                f"{', quick' if args.quick else ''})", rows)
+    save_results(name, rows, args)
+  print(f"\nbenchmark: results in {os.path.relpath(RESULTS_PATH, ROOT)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,142 @@
+"""Guards: NaN/Inf stop without saving, early stopping, restore-best on regression."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator_transfer import checkpoints
+from estimator_transfer import continual
+from estimator_transfer import hooks
+from estimator_transfer import runner
+from estimator_transfer.config import ConfigError, GuardConfig
+
+from continual_helpers import read_checkpoint
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_hook_names_the_step(bad, tmp_path):
+  # Estimator's NanTensorHook misses Inf; this hook stops on both.
+  with tf.Graph().as_default():
+    step = tf.compat.v1.train.get_or_create_global_step()
+    loss = tf.where(step >= 3, tf.constant(bad), tf.constant(1.0))
+    tf.compat.v1.add_to_collection(hooks.TRAIN_LOSS_COLLECTION, loss)
+    train_op = tf.compat.v1.assign_add(step, 1)
+    guard = hooks.NonFiniteLossHook(str(tmp_path))
+    with pytest.raises(hooks.DivergedError, match=r"is (nan|inf) at global step 3;"):
+      with tf.compat.v1.train.MonitoredSession(hooks=[guard]) as sess:
+        for _ in range(10):
+          sess.run(train_op)
+
+
+def test_divergence_stops_training_and_no_checkpoint_holds_it(make_config):
+  # A learning rate this large makes the weights Inf/NaN within a few steps;
+  # checkpoints are due at every step, so one would be written from the
+  # diverged state unless the finite-checkpoint listener stops it.
+  cfg = make_config(schedule__values=(1e8,), optimizer__name="sgd",
+                    run__save_checkpoints_steps=1, run__max_steps=20)
+  with pytest.raises(hooks.DivergedError) as error:
+    runner.Experiment(cfg).train()
+  message = str(error.value)
+  assert "global step" in message
+  assert "nothing was saved" in message or "without writing that checkpoint" in message
+  model_dir = cfg.run.model_dir
+  latest = tf.train.latest_checkpoint(model_dir)
+  assert f"the last good checkpoint is {latest}" in message
+  assert checkpoints.step_of(latest) < 20
+  for candidate in checkpoints.list_candidates(model_dir):
+    for name, value in read_checkpoint(candidate.prefix).items():
+      assert np.all(np.isfinite(value)), (candidate.prefix, name)
+
+
+def _state(model_dir):
+  with open(os.path.join(model_dir, continual.STATE_FILENAME)) as f:
+    return json.load(f)
+
+
+def test_early_stopping_with_patience_and_restart_is_idempotent(make_config):
+  # Learning rate 0 and frozen BatchNorm: the metric never improves after the
+  # first evaluation, so patience 1 stops at the second one (counting with
+  # larger patience: test_record_evaluation_decisions).
+  cfg = make_config(freeze__spec="all", schedule__values=(0.0,), run__max_steps=20,
+                    run__save_checkpoints_steps=1, guards__eval_every_steps=2,
+                    guards__early_stopping_metric="accuracy", guards__patience=1)
+  experiment = runner.Experiment(cfg)
+  assert experiment.train() == 4
+  assert "early stopping at step 4" in experiment.outcome.stopped_early
+  assert experiment.outcome.best["step"] == 2
+  state = _state(cfg.run.model_dir)
+  assert [h["step"] for h in state["history"]] == [2, 4]
+  assert state["best_checkpoint"] == os.path.join("best", "model.ckpt-2")
+  assert os.path.exists(os.path.join(cfg.run.model_dir, "best", "model.ckpt-2.index"))
+  # Re-running the same command neither trains nor evaluates again.
+  again = runner.Experiment(cfg)
+  assert again.train() == 4 and again.outcome.stopped_early
+  assert _state(cfg.run.model_dir)["history"] == state["history"]
+
+
+class SnapshotHook(tf.compat.v1.train.SessionRunHook):
+  """Variables and learning rate at the start of every training segment."""
+
+  def __init__(self):
+    self.snapshots = []
+
+  def begin(self):
+    self._vars = {v.op.name: v for v in tf.compat.v1.global_variables()}
+    self._lr = tf.compat.v1.get_default_graph().get_tensor_by_name("learning_rate:0")
+
+  def after_create_session(self, session, coord):
+    self.snapshots.append(session.run({"vars": self._vars, "lr": self._lr}))
+
+
+def test_regression_restores_best_weights_and_optimizer_state_across_restart(make_config):
+  # The learning rate jumps to 30 at step 4: the eval loss at step 6 is far
+  # worse than the best (step 2), beyond the tolerance of 1.0.
+  cfg = make_config(freeze__spec="all", optimizer__name="momentum",
+                    schedule__boundaries=(4,), schedule__values=(1.0, 30.0),
+                    run__save_checkpoints_steps=2, run__max_steps=6,
+                    guards__eval_every_steps=2,
+                    guards__early_stopping_metric="loss", guards__regression_tolerance=1.0,
+                    guards__regression_lr_factor=0.01)
+  model_dir = cfg.run.model_dir
+  first = runner.Experiment(cfg)
+  first.train()
+  state = _state(model_dir)
+  assert state["best_step"] == 2 and state["pending_restore_at_step"] == 6
+  assert state["restores"][0]["step"] == 6 and state["lr_scale"] == pytest.approx(0.01)
+  best = read_checkpoint(os.path.join(model_dir, "best", "model.ckpt-2"))
+  # Stopped right after the decision (max_steps 6), as a kill would: the
+  # restart applies the pending restore before its first step.
+  snapshot = SnapshotHook()
+  second = runner.Experiment(cfg.replace(run__max_steps=7))
+  assert second.train(hooks=[snapshot]) == 7
+  restored = snapshot.snapshots[0]
+  assert restored["vars"]["global_step"] == 6  # the step (and schedule) go on
+  for name, value in best.items():
+    if name != "global_step":  # weights, BatchNorm, momentum slots: the best's
+      np.testing.assert_array_equal(restored["vars"][name], value, err_msg=name)
+  assert restored["lr"] == pytest.approx(30.0 * 0.01)
+  state = _state(model_dir)
+  assert state["pending_restore_at_step"] == -1 and len(state["restores"]) == 1
+  # The kept best checkpoint was never replaced by a worse one.
+  assert state["best_checkpoint"] == os.path.join("best", "model.ckpt-2")
+
+
+def test_record_evaluation_decisions():
+  guards = GuardConfig(early_stopping_metric="accuracy", patience=3,
+                       regression_tolerance=0.1, regression_lr_factor=0.5)
+  state = continual.LoopState()
+  decide = lambda step, acc: continual.record_evaluation(state, step, {"accuracy": acc},
+                                                         guards)
+  assert decide(10, 0.80) == continual.IMPROVED
+  state.best_checkpoint = "best/model.ckpt-10"
+  assert decide(20, 0.75) == continual.NO_IMPROVEMENT  # within tolerance
+  assert decide(30, 0.60) == continual.REGRESSED and state.lr_scale == 0.5
+  assert decide(40, math.nan) == continual.EARLY_STOP  # NaN never improves
+  assert "did not improve on 0.8 (step 10) for 3 evaluations" in state.stopped
+  with pytest.raises(ConfigError, match="choose one of accuracy"):
+    continual.record_evaluation(continual.LoopState(), 1, {"accuracy": 1.0},
+                                GuardConfig(early_stopping_metric="auc"))
+  assert continual.metric_mode("loss") == "min" and continual.metric_mode("accuracy") == "max"
