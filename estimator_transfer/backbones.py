@@ -191,6 +191,9 @@ class ResolvedBackbone:
 
   def _instantiate_keras(self, x, stages, stage_index, training):
     model = self.build_keras()
+    # The freeze plan alone decides what trains: undo any `trainable=False`
+    # saved with the model (it would empty the lists read below).
+    model.trainable = True
     layers = [l for l in _flat_layers(model) if l.weights]
     # Read before any `trainable` toggling empties the lists.
     groups = [LayerGroup(l.name, list(l.weights), l, list(l.trainable_weights))

@@ -221,7 +221,7 @@ def _quarantine(model_dir: str, broken: Optional[str]) -> Optional[str]:
   dest = os.path.join(model_dir, time.strftime("corrupt-%Y%m%d-%H%M%S"))
   moved = False
   paths = [os.path.join(model_dir, STATE_FILENAME)]
-  if broken and os.path.dirname(broken) == model_dir.rstrip("/"):
+  if broken and os.path.dirname(os.path.abspath(broken)) == os.path.abspath(model_dir):
     paths += tf.io.gfile.glob(glob_escape(broken) + ".*")
   for path in paths:
     if tf.io.gfile.exists(path):

@@ -401,8 +401,10 @@ def session_config(task: Task, distribution: str, intra_op_threads: int = 0,
   ps tasks and themselves (Estimator sets them only when it makes the
   session config, and without them a trainer waits for every task, dead
   workers and a never-started evaluator included), and
-  share_cluster_devices_in_session so functions restored from TF2 SavedModels
-  (hub.KerasLayer) can place reads on the ps devices.
+  share_cluster_devices_in_session so functions (restored from TF2
+  SavedModels by hub.KerasLayer, or in input pipelines) can use resources the
+  device setter put on a ps; without it the session fails with "Assigned
+  device '/job:ps/...' does not match any device".
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = tf.compat.v1.ConfigProto(

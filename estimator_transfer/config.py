@@ -133,6 +133,13 @@ class InputConfig:
     random_flip .. mixup_alpha: training-only augmentation (see
       `data/augment.py`); evaluation and export never augment.
     csv_label_column: the label column of CSV data.
+    cache_features: feature-cache mode (`feature_cache.py`): a directory
+      where a frozen backbone's features of the training and evaluation
+      images are computed once and reused; the head trains on them. Empty:
+      off.
+    cache_features_with_augmentation: with `cache_features`, cache this many
+      augmented copies of each training image (the augmentation flags apply);
+      0 caches un-augmented features only.
   """
   train_data: str = ""
   eval_data: str = ""
@@ -153,6 +160,8 @@ class InputConfig:
   saturation: float = 0.0
   mixup_alpha: float = 0.0
   csv_label_column: str = "label"
+  cache_features: str = ""
+  cache_features_with_augmentation: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +438,35 @@ def _validate(cfg: ExperimentConfig) -> None:
            f"{', '.join(backbones.VALUE_RANGES)}.")
   from estimator_transfer import heads  # local: heads imports config
   heads.parse_class_weights(h.class_weights, h.num_classes)
+  _validate_feature_cache(cfg)
+
+
+def _validate_feature_cache(cfg: ExperimentConfig) -> None:
+  i, f = cfg.input, cfg.freeze
+  copies = i.cache_features_with_augmentation
+  _require(copies >= 0, f"--cache_features_with_augmentation={copies} must not be "
+           "negative (0: cache un-augmented features only).")
+  if not i.cache_features:
+    _require(not copies, "--cache_features_with_augmentation needs "
+             "--cache_features=DIR, the directory of the feature cache.")
+    return
+  # Cached features are only valid while no backbone weight moves.
+  _require(f.spec.strip() == "all" and not f.unfreeze_schedule,
+           f"--cache_features needs a frozen backbone, but --freeze={f.spec}"
+           f"{' with --unfreeze_schedule' if f.unfreeze_schedule else ''} trains part "
+           "of it; use --freeze=all without --unfreeze_schedule, or drop --cache_features.")
+  _require(not i.mixup_alpha, "--mixup_alpha mixes images before the backbone, which "
+           "--cache_features skips; drop one of the two.")
+  from estimator_transfer.data import augment  # local: data imports config
+  if copies:
+    _require(augment.is_enabled(i), f"--cache_features_with_augmentation={copies} "
+             "caches augmented copies but no augmentation is on; set e.g. "
+             "--random_flip=horizontal, or use 0.")
+  else:
+    _require(not augment.is_enabled(i), "--cache_features caches features of "
+             "un-augmented images but augmentation is on (--random_flip, --random_crop, "
+             "--rotation_degrees, --brightness, --contrast or --saturation); drop it, or "
+             "cache K augmented copies with --cache_features_with_augmentation=K.")
 
 
 def _validate_continual(c: ContinualConfig, g: GuardConfig) -> None:

@@ -100,9 +100,16 @@ def label_mapping(data_names: Optional[Sequence[str]], model_names: Sequence[str
   return [where[n] for n in data_names]
 
 
-def _call(input_fn, params):
+def _call(input_fn, params=None, config=None, input_context=None):
+  """Calls an input_fn with the arguments it takes, as Estimator does.
+
+  Forwarding `config` and `input_context` keeps the wrapped input_fn's
+  per-worker sharding in distributed runs.
+  """
   from tensorflow_estimator.python.estimator import util  # pylint: disable=g-import-not-at-top
-  return input_fn(params) if "params" in util.fn_args(input_fn) else input_fn()
+  args = util.fn_args(input_fn)
+  given = {"params": params, "config": config, "input_context": input_context}
+  return input_fn(**{k: v for k, v in given.items() if k in args})
 
 
 def remap_labels(input_fn, mapping: Sequence[int], num_classes: int):
@@ -111,8 +118,8 @@ def remap_labels(input_fn, mapping: Sequence[int], num_classes: int):
   Integer labels are looked up; multi-hot labels have their columns moved.
   """
 
-  def remapped_input_fn(params=None):
-    ds = _call(input_fn, params)
+  def remapped_input_fn(params=None, config=None, input_context=None):
+    ds = _call(input_fn, params, config, input_context)
 
     def remap(features, labels):
       if labels.dtype.is_integer:
@@ -136,9 +143,9 @@ def mix_input_fns(new_fn, replay_fn, replay_ratio: float, batch_size: int,
   give BatchNorm and each gradient one source at a time) and re-batched.
   """
 
-  def mixed_input_fn(params=None):
-    new = _call(new_fn, params).unbatch()
-    old = _call(replay_fn, params).unbatch()
+  def mixed_input_fn(params=None, config=None, input_context=None):
+    new = _call(new_fn, params, config, input_context).unbatch()
+    old = _call(replay_fn, params, config, input_context).unbatch()
     ds = tf.data.Dataset.sample_from_datasets(
         [new, old], weights=[1.0 - replay_ratio, replay_ratio], seed=seed)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

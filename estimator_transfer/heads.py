@@ -13,7 +13,8 @@ Three kinds, all `dropout -> [hidden ReLU -> dropout]* -> dense`:
 
 Class weights (`class_weights`) scale each example's loss by the weight of
 its class (multi-label: each class term by its weight), like Keras'
-`class_weight`: loss = mean_i(w_i * l_i).
+`class_weight`: loss = mean_i(w_i * l_i). They shape training only; the
+evaluation loss is unweighted, so runs with different weights compare.
 """
 from typing import Dict, List, Optional, Sequence, Union
 

@@ -17,6 +17,7 @@ from estimator_transfer.data import bad_records
 
 ModeKeys = tf.estimator.ModeKeys
 IMAGE_KEY = "image"
+CACHED_FEATURES_KEY = "backbone_features"  # feature-cache mode (feature_cache.py)
 VARIABLES_FILENAME = "trainable_variables.json"
 log = logging.getLogger("estimator_transfer")
 
@@ -50,7 +51,6 @@ def build_model_fn(config: ExperimentConfig,
 
   def model_fn(features, labels, mode, params=None):
     del params  # everything comes from `config`
-    images = features[IMAGE_KEY] if isinstance(features, dict) else features
     training = mode == ModeKeys.TRAIN
     plan = training_setup.freeze_plan() if training else \
         freezing.parse_schedule(config.freeze.unfreeze_schedule, config.freeze.spec)
@@ -58,7 +58,11 @@ def build_model_fn(config: ExperimentConfig,
       # Only the union of trained variables matters outside training; any
       # increasing starts do (epoch starts need the data counted).
       plan = [freezing.Stage(i, stage.spec) for i, stage in enumerate(plan)]
-    backbone = resolved.instantiate(images, plan, training)
+    if isinstance(features, dict) and CACHED_FEATURES_KEY in features:
+      backbone = _cached_backbone(features[CACHED_FEATURES_KEY])
+    else:
+      images = features[IMAGE_KEY] if isinstance(features, dict) else features
+      backbone = resolved.instantiate(images, plan, training)
     head = heads.build_head(config.head, training_setup.class_weights() if training
                             else None, seed=config.run.seed)
     logits = head(backbone.features, training)
@@ -167,6 +171,18 @@ def count_training_data(config: ExperimentConfig):
   log.info("counted %d training examples in %s (per class: %s); --train_size "
            "skips the count.", total, data, counts)
   return total, counts
+
+
+def _cached_backbone(features) -> backbones.BackboneOutput:
+  """Feature-cache mode: the frozen backbone already ran (feature_cache.py).
+
+  `features` are its float [batch, D] outputs; nothing of it is in the graph,
+  so nothing of it trains, updates or is checkpointed: only the head.
+  """
+  frozen = backbones.StageVariables(0, "all", [], [])
+  return backbones.BackboneOutput(tf.cast(features, tf.float32), groups=[],
+                                  stages=[frozen], trainable_variables=[],
+                                  update_ops=[], losses=[])
 
 
 def _loss(head, labels, logits, extra_losses):

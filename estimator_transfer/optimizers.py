@@ -9,10 +9,14 @@
   global step. Gradients are computed once for the union of all stages (a
   frozen variable's gradient is computed but never applied), and a variable
   that is frozen in a stage is not touched at all in it: no momentum or Adam
-  update moves it, because its apply op is not in that stage's branch;
+  update moves it, because its apply op is not in that stage's branch (Adam's
+  bias-correction counters are shared, so a variable unfrozen late starts
+  with the corrections of the global step, not of its own first step);
 * discriminative learning rates: one optimizer per distinct multiplier, with
   learning_rate * factor (exact for every optimizer, Adam included, unlike
-  scaling gradients); factor 0 leaves the variables out;
+  scaling gradients); factor 0 leaves the variables out. Slots of a group
+  with factor != 1 are named `<var>/<Optimizer>_x<i>`, so changing the
+  multipliers of a run changes its checkpoint layout;
 * `clip_norm` on the global norm of the gradients applied in the step;
 * weight decay on trainable kernels only (rank >= 2: conv and dense kernels,
   not biases nor BatchNorm gamma/beta/statistics): an L2 term wd/2 * |w|^2 in

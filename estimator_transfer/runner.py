@@ -1,4 +1,5 @@
 """Estimator construction and the train / evaluate / export entry points."""
+import contextlib
 import dataclasses
 import json
 import logging
@@ -87,11 +88,40 @@ class Experiment:
     # the model's names when the data has none): _remapped maps them by name.
     data_names = labels_lib.class_names_for(data) if data else None
     head = self.config.head
+    if self.config.input.cache_features:
+      # Feature-cache mode: the frozen backbone's features, computed once.
+      from estimator_transfer import feature_cache  # pylint: disable=g-import-not-at-top
+      fn = feature_cache.build_input_fn(
+          self.feature_cache(), data, training, seed=self.config.run.seed,
+          class_names=data_names or head.class_names,
+          num_classes=0 if data_names else head.num_classes)
+      return self._remapped(fn, data)
     fn = input_fns.build_input_fn(
         self.config.input, data, self.image_size, training=training,
         seed=self.config.run.seed, class_names=data_names or head.class_names,
         num_classes=0 if data_names else head.num_classes)
     return self._remapped(fn, data)
+
+  def feature_cache(self):
+    """The `feature_cache.FeatureCache` of --cache_features (None when off)."""
+    if not self.config.input.cache_features:
+      return None
+    if getattr(self, "_feature_cache", None) is None:
+      from estimator_transfer import feature_cache  # pylint: disable=g-import-not-at-top
+      self._feature_cache = feature_cache.FeatureCache(self.config, self.backbone)
+    return self._feature_cache
+
+  def servable_checkpoint(self, checkpoint_path: Optional[str] = None) -> Optional[str]:
+    """The checkpoint to export or predict with for `checkpoint_path` (None: latest).
+
+    Unchanged, except in feature-cache mode, where checkpoints hold only the
+    head: then a full one (pinned backbone snapshot + head) is composed.
+    """
+    cache = self.feature_cache()
+    if cache is None:
+      return checkpoint_path
+    checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(self.config.run.model_dir)
+    return cache.full_checkpoint(checkpoint_path) if checkpoint_path else None
 
   def _remapped(self, fn, data: str):
     names = self.config.head.class_names
@@ -151,6 +181,9 @@ class Experiment:
     model_dir = cfg.run.model_dir
     if not cfg.input.train_data:
       raise ConfigError("--train_data is required for training.")
+    if self._evaluates_while_training() and not cfg.input.eval_data:
+      raise ConfigError("--early_stopping_metric and --eval_every_steps evaluate while "
+                        "training; give --eval_data.")
     train_input_fn = self.train_input_fn()  # validates the data
     resume = checkpoints.resolve_resume_checkpoint(model_dir, on_corrupt_checkpoint)
     if resume:
@@ -246,9 +279,6 @@ class Experiment:
     """Trains in segments to the next evaluation step, evaluates, decides; restartable."""
     cfg = self.config
     g, model_dir, max_steps = cfg.guards, cfg.run.model_dir, cfg.run.max_steps
-    if not cfg.input.eval_data:
-      raise ConfigError("--early_stopping_metric and --eval_every_steps evaluate while "
-                        "training; give --eval_data.")
     every = g.eval_every_steps or cfg.run.save_checkpoints_steps
     eval_input_fn = self.input_fn(cfg.input.eval_data, training=False)
     state = continual.LoopState.load(model_dir)
@@ -265,10 +295,12 @@ class Experiment:
         if metrics is None:
           break  # preempted while evaluating: the step is evaluated after the restart
         self._record(state, step, metrics, latest)
-        state.save(model_dir)
         self.outcome.last_eval = dict(metrics, step=step)
         if after_evaluation is not None:
+          # Before the state is saved: a kill in between re-evaluates this step
+          # and calls it again (at least once, never skipped).
           after_evaluation(metrics, latest)
+        state.save(model_dir)
         continue
       if step >= max_steps:
         break
@@ -282,6 +314,10 @@ class Experiment:
           state.pending_restore_at_step = -1
           state.save(model_dir)
       self._train_segment(train_input_fn, target, preemption, source, extra, state.lr_scale)
+      after = tf.train.latest_checkpoint(model_dir)
+      if not preemption.requested and (checkpoints.step_of(after) if after else 0) <= step:
+        raise ConfigError(f"training made no progress from step {step}: "
+                          f"{cfg.input.train_data} yielded no batch; check the data.")
       if extra:
         state.pending_restore_at_step = -1
         state.save(model_dir)
@@ -360,6 +396,7 @@ class Experiment:
     if not export_dir:
       raise ConfigError("--export_dir is required for export.")
     self._require_checkpoint(checkpoint_path)
+    checkpoint_path = self.servable_checkpoint(checkpoint_path)
     return export_lib.export_saved_model(
         self.estimator, export_dir, exporters.export_options(self.config, self.image_size),
         checkpoint_path=checkpoint_path, verify=verify)
@@ -368,7 +405,8 @@ class Experiment:
                               checkpoint_path: str) -> Dict[str, object]:
     """Best export into --export_dir, latest into model_dir/export/latest."""
     return exporters.export_after_evaluation(self.estimator, self.config, self.image_size,
-                                             eval_result, checkpoint_path)
+                                             eval_result,
+                                             self.servable_checkpoint(checkpoint_path))
 
   def _require_checkpoint(self, checkpoint_path):
     if checkpoint_path:
@@ -379,6 +417,59 @@ class Experiment:
                                                    read_tensors=False):
       raise ConfigError(f"no checkpoint in {self.config.run.model_dir}; train first "
                         "(et-train) or point --model_dir at a trained model.")
+
+
+def early_stopping_hook(estimator, config: ExperimentConfig):
+  """Early stopping for train_and_evaluate (cluster) runs, or None when not asked for.
+
+  The chief reads the evaluator's results from `model_dir/eval` and stops
+  when `guards.early_stopping_metric` has not improved for `patience`
+  evaluation intervals; workers stop with it. It checks every
+  `eval_every_steps` steps with `run_every_secs=None`: the default 60-second
+  timer is the known trap with distribution strategies (the check then does
+  not run as expected and the job never stops early).
+  """
+  g = config.guards
+  if not (g.early_stopping_metric and g.patience):
+    return None
+  every = g.eval_every_steps or config.run.save_checkpoints_steps
+  mode = continual.metric_mode(g.early_stopping_metric, g.metric_mode)
+  make = (tf.estimator.experimental.stop_if_no_increase_hook if mode == "max"
+          else tf.estimator.experimental.stop_if_no_decrease_hook)
+  return make(estimator, g.early_stopping_metric, g.patience * every,
+              run_every_secs=None, run_every_steps=every)
+
+
+def cluster_guard_hooks(estimator, config: ExperimentConfig, preemption=None) -> list:
+  """The guards a cluster training task runs: NaN/Inf stop, SIGTERM, early stopping.
+
+  Raises:
+    ConfigError: restore-best was asked for (it rewinds the chief's weights
+      behind the workers' backs, so it is a single-machine feature).
+  """
+  if config.guards.regression_tolerance is not None:
+    raise ConfigError("--regression_tolerance restores the best checkpoint in "
+                      "single-machine runs only; drop it for a cluster (TF_CONFIG) job.")
+  out = [hooks_lib.NonFiniteLossHook(config.run.model_dir)]
+  if isinstance(preemption, hooks_lib.PreemptionHandler):
+    out.append(hooks_lib.StopOnSignalHook(preemption))
+  stop = early_stopping_hook(estimator, config)
+  latest = tf.train.latest_checkpoint(config.run.model_dir)
+  if stop is not None and latest and _STOP_VARIABLE not in \
+      tf.train.load_checkpoint(latest).get_variable_to_shape_map():
+    # The hook's stop flag is a global variable: a checkpoint written without
+    # it cannot be restored into a graph with it.
+    log.warning("--patience is ignored: %s was started without early stopping, "
+                "and its stop flag must be in the checkpoint from the start; use a "
+                "new --model_dir (--warm_start_from=%s) to stop early",
+                config.run.model_dir, config.run.model_dir)
+    stop = None
+  if stop is not None:
+    out.append(stop)
+  return out
+
+
+_STOP_VARIABLE = "signal_early_stopping/STOP"  # tf.estimator.experimental's stop flag
 
 
 def _guarded_model_fn(model_fn, model_dir: str):
@@ -525,8 +616,13 @@ def train_and_evaluate(config: ExperimentConfig, task=None,
       experiment = Experiment(config)
   cfg = experiment.config
   model_dir = cfg.run.model_dir
-  evaluates = bool(cfg.input.eval_data) and task.task_type in (cluster.EVALUATOR,
-                                                                cluster.LOCAL)
+  # Who runs evaluations: the evaluator task; a legacy `master` (Estimator
+  # evaluates there after each checkpoint, as locally).
+  evaluates = bool(cfg.input.eval_data) and task.task_type in (
+      cluster.EVALUATOR, cluster.MASTER, cluster.LOCAL)
+  if task.task_type == cluster.MASTER and not evaluates:
+    raise ConfigError("a 'master' task evaluates as it trains; give --eval_data "
+                      "(or name the job 'chief' and run an evaluator task).")
   if task.trains and not cfg.input.train_data:
     raise ConfigError(f"--train_data is required for the {task.task_type} task.")
   if task.task_type == cluster.EVALUATOR and not cfg.input.eval_data:
@@ -566,18 +662,26 @@ def train_and_evaluate(config: ExperimentConfig, task=None,
                                            cfg.cluster.summary_dir))
   metrics_exporter = _EvalRecordExporter(record if task.task_type == cluster.EVALUATOR
                                          else "", cfg.cluster.summary_dir)
-  with cluster.tf_config_env(task):
+  # SIGTERM (preemption) stops a training task cleanly; an evaluator keeps
+  # the default action.
+  preemption = hooks_lib.PreemptionHandler() if task.trains else contextlib.nullcontext()
+  with cluster.tf_config_env(task), preemption:
     estimator = tf.compat.v1.estimator.Estimator(
         model_fn=model_fn, config=make_cluster_run_config(cfg, task, strategy))
+    listeners = []
+    if task.trains:
+      train_hooks += cluster_guard_hooks(estimator, cfg, preemption)
+      listeners = [hooks_lib.FiniteCheckpointListener(model_dir)] if task.is_chief else []
     train_spec = tf.estimator.TrainSpec(train_input_fn, max_steps=cfg.run.max_steps,
-                                        hooks=train_hooks)
+                                        hooks=train_hooks, saving_listeners=listeners)
     eval_spec = tf.estimator.EvalSpec(
         eval_input_fn, steps=cfg.run.eval_steps or None, exporters=[metrics_exporter],
         start_delay_secs=0, throttle_secs=cfg.cluster.eval_throttle_secs)
     log.info("%s: train_and_evaluate (distribution=%s, max_steps %d)", task.name,
              cfg.cluster.distribution, cfg.run.max_steps)
     if task.is_local and not evaluates:
-      estimator.train(train_input_fn, max_steps=cfg.run.max_steps, hooks=train_hooks)
+      estimator.train(train_input_fn, max_steps=cfg.run.max_steps, hooks=train_hooks,
+                      saving_listeners=listeners)
     else:
       tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
   latest = tf.train.latest_checkpoint(model_dir)

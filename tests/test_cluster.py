@@ -233,3 +233,17 @@ def test_cluster_flagfile_and_job_specs_fit_et_train(tiny_data, tiny_backbone, t
   assert result.returncode == 0, result.stderr[-2000:]
   assert "distribution: none: asynchronous between-graph replication" in result.stdout
   assert "trains until global step 300" in result.stdout
+
+
+def test_local_train_and_evaluate_with_mirrored_strategy(make_config):
+  """--distribution=mirrored without TF_CONFIG: in-graph replication, eval per checkpoint."""
+  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  cfg = make_config(cluster__distribution="mirrored", cluster__eval_throttle_secs=0)
+  run_config = runner.make_cluster_run_config(cfg, cluster.Task())
+  assert isinstance(run_config.train_distribute, tf.compat.v1.distribute.MirroredStrategy)
+  outcome = runner.train_and_evaluate(cfg, cluster.Task())
+  assert outcome.role == "local" and outcome.local_steps == cfg.run.max_steps
+  assert outcome.global_step == cfg.run.max_steps
+  assert outcome.metrics["global_step"] == cfg.run.max_steps  # the final checkpoint
+  with open(outcome.record) as f:
+    assert json.load(f)["local_steps"] == cfg.run.max_steps

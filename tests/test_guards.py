@@ -77,6 +77,26 @@ def test_early_stopping_with_patience_and_restart_is_idempotent(make_config):
   assert _state(cfg.run.model_dir)["history"] == state["history"]
 
 
+def test_cluster_early_stopping_hook_checks_by_steps(make_config, tmp_path):
+  # Cluster runs stop by the evaluator's results in model_dir/eval, checked
+  # every eval interval of steps (run_every_secs=None), not by a timer.
+  cfg = make_config(freeze__spec="all", schedule__values=(0.0,), run__max_steps=20,
+                    guards__eval_every_steps=2, guards__early_stopping_metric="accuracy",
+                    guards__patience=1)
+  eval_dir = os.path.join(cfg.run.model_dir, "eval")
+  with tf.Graph().as_default():  # what an evaluator writes: no gain after step 2
+    writer = tf.compat.v1.summary.FileWriter(eval_dir)
+    for step in (2, 4):
+      writer.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(
+          tag="accuracy", simple_value=0.5)]), step)
+    writer.close()
+  experiment = runner.Experiment(cfg)
+  hook = runner.early_stopping_hook(experiment.estimator, cfg)
+  assert hook._timer._every_secs is None and hook._timer._every_steps == 2
+  experiment.estimator.train(experiment.train_input_fn(), max_steps=20, hooks=[hook])
+  assert experiment.estimator.get_variable_value("global_step") < 20
+
+
 class SnapshotHook(tf.compat.v1.train.SessionRunHook):
   """Variables and learning rate at the start of every training segment."""
 

@@ -156,7 +156,9 @@ def test_label_outside_the_label_map_names_the_record(tmp_path):
       "--label_map or --num_classes.")
 
 
-def test_image_folder_with_label_map_bad_files_and_hidden_files(tmp_path):
+def test_image_folder_with_label_map_bad_files_and_hidden_files(tmp_path, monkeypatch,
+                                                               capfd):
+  monkeypatch.setattr(input_fns, "FOLDER_CHUNK", 2)  # several units, as with many files
   root = tmp_path / "folder"
   rng = np.random.RandomState(0)
   for i, name in enumerate(["b_class", "a_class"]):
@@ -164,13 +166,16 @@ def test_image_folder_with_label_map_bad_files_and_hidden_files(tmp_path):
     for j in range(3):
       (root / name / "sub" / f"{j}.png").write_bytes(encode(make_image(i, rng)))
   (root / "a_class" / "broken.jpg").write_bytes(b"not a jpeg at all")
+  (root / "b_class" / "sub" / "zz_broken.png").write_bytes(b"")
   (root / "a_class" / ".hidden.png").write_bytes(b"junk")
   (root / ".DS_Store").write_bytes(b"junk")
   fn = input_fns.build_input_fn(_config(), str(root), SIZE, training=False,
                                 class_names=["b_class", "a_class"])
   images, labels = _collect(fn)
   assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
-  assert int(fn.bad_record_counter.numpy()) == 1
+  assert int(fn.bad_record_counter.numpy()) == 2
+  logged = capfd.readouterr().err
+  assert "broken.jpg" in logged and "zz_broken.png" in logged
   # Colour tells the class: b_class was drawn red (channel 0), a_class green.
   for image, label in zip(images, labels):
     assert image.mean((0, 1)).argmax() == label

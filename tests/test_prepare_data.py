@@ -221,3 +221,18 @@ def test_cli_converts_and_too_many_bad_files_fail_in_one_line(messy, tmp_path):
   assert failed.returncode == 1
   assert failed.stderr.startswith("et-prepare-data: error: more than --max_bad_fraction")
   assert len(failed.stderr.strip().splitlines()) == 1
+  with open(tmp_path / "strict" / prepare.REPORT_FILENAME) as f:
+    partial = json.load(f)
+  assert partial["status"].startswith("failed") and partial["bad"] >= 2
+
+
+@pytest.mark.parametrize("fmt, mode, expect_fmt", [("JPEG", "RGB", "jpeg"),
+                                                   ("PNG", "RGBA", "png")])
+def test_huge_images_are_downscaled_keeping_jpeg_or_png(tmp_path, fmt, mode, expect_fmt):
+  path = str(tmp_path / f"big.{fmt.lower()}")
+  Image.new(mode, (64, 32), (10, 120, 240, 255)[:len(mode)]).save(path, format=fmt)
+  encoded, out_fmt, height, width, note = prepare.convert_image(path, max_image_side=16)
+  assert (out_fmt, height, width) == (expect_fmt, 8, 16)
+  assert note == ("resized" if mode == "RGB" else "converted from PNG RGBA")
+  image = Image.open(io.BytesIO(encoded))
+  assert image.size == (16, 8) and image.mode == "RGB" and image.format == fmt

@@ -127,6 +127,10 @@ _FLAG_TO_CONFIG: Dict[str, Tuple[str, str, Callable]] = {
     "saturation": ("input", "saturation", _plain),
     "mixup_alpha": ("input", "mixup_alpha", _plain),
     "csv_label_column": ("input", "csv_label_column", _plain),
+    # Feature-cache mode (feature_cache.py).
+    "cache_features": ("input", "cache_features", _plain),
+    "cache_features_with_augmentation": ("input", "cache_features_with_augmentation",
+                                         _plain),
 }
 
 
@@ -355,6 +359,18 @@ def define_flags() -> None:
                      "Beta(alpha, alpha) weights (0.2 is typical); 0: off.")
   flags.DEFINE_string("csv_label_column", d.input.csv_label_column, "CSV data: "
                       "the label column (class id or class name).")
+  # Feature-cache mode (feature_cache.py): a frozen backbone runs once.
+  flags.DEFINE_string("cache_features", d.input.cache_features, "With --freeze=all: "
+                      "compute the backbone features of --train_data/--eval_data "
+                      "once into this directory (keyed by the backbone's content, "
+                      "image size and the input files) and train the head on them; "
+                      "later runs reuse them. Exports still take images.")
+  flags.DEFINE_integer("cache_features_with_augmentation",
+                       d.input.cache_features_with_augmentation, "With "
+                       "--cache_features: cache this many augmented copies of each "
+                       "training image (the augmentation flags apply; K times the "
+                       "extraction time and disk, and only K variants per image); 0: "
+                       "un-augmented features, and augmentation flags are an error.")
 
 
 def flags_to_config(flag_values=FLAGS) -> ExperimentConfig:

@@ -82,7 +82,7 @@ def _predictor():
                                      with_warmup=False)
   predictor = predict.Predictor.from_estimator(
       experiment.estimator, options, experiment.config.head.class_names,
-      checkpoint_path=FLAGS.checkpoint_path or None)
+      checkpoint_path=experiment.servable_checkpoint(FLAGS.checkpoint_path or None))
   return predictor, experiment.config.input.image_key
 
 

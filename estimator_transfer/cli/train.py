@@ -12,9 +12,11 @@ log = logging.getLogger("estimator_transfer")
 def main(argv):
   del argv
   from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
-  if flags.FLAGS.check_cluster or not cluster.current_task().is_local:
-    # TF_CONFIG names a cluster: this task's role in train_and_evaluate. (A
-    # one-chief "cluster" trains here, locally, as Estimator would.)
+  if (flags.FLAGS.check_cluster or not cluster.current_task().is_local or
+      flags.FLAGS.distribution != "none"):
+    # TF_CONFIG names a cluster (this task's role in train_and_evaluate), or a
+    # distribution strategy is asked for. (A one-chief "cluster" trains in
+    # the local loop below, as Estimator would.)
     from estimator_transfer.cli import cluster_job  # pylint: disable=g-import-not-at-top
     cluster_job.main(flags.FLAGS)
     return
@@ -83,7 +85,8 @@ def _best_exporter(experiment):
                                 export_dir=cfg.export.export_dir)
 
   def after_evaluation(metrics, checkpoint_path):
-    best.export(experiment.estimator, cfg.export.export_dir, checkpoint_path, metrics, False)
+    best.export(experiment.estimator, cfg.export.export_dir,
+                experiment.servable_checkpoint(checkpoint_path), metrics, False)
 
   return after_evaluation
 

@@ -9,17 +9,21 @@ float32 [batch, num_classes] soft labels. CSV and numeric arrays yield
 How the pipeline is laid out (and why):
 
 * The data is split into units (a TFRecord or CSV file, or a chunk of 64
-  image files), shuffled per epoch when training, sharded by worker under
-  TF_CONFIG, and read with a parallel interleave.
+  image files). When training, the units (and a folder's files) are permuted
+  per epoch and records are permuted within windows of each unit, with
+  stateless seeds, so `--seed` fixes the order whatever the parallelism;
+  under TF_CONFIG each worker takes every n-th file (or, with fewer files
+  than workers, every n-th record). A parallel interleave reads the units.
 * Inside a unit, records are numbered and decoded by a parallel map that keeps
   their order, then `ignore_errors` drops a record that cannot be parsed or
-  decoded; a scan sees the hole in the numbering, so every skipped record is
-  counted (`bad_records.py`) and named by its file, and
-  `--on_bad_record=fail` stops there with that name. A TFRecord file whose
-  bytes were not all read (truncated or corrupt framing: TensorFlow skips
-  the rest of such a file) counts as one more bad record.
-* Labels are checked against the label map in the same scan, so a wrong label
-  is an error naming its record instead of a silent wrong class.
+  decoded; a scan sees the hole in the numbering. A TFRecord file whose bytes
+  were not all read (truncated or corrupt framing: TensorFlow skips the rest
+  of such a file) counts as one more bad record.
+* Per element only integers travel along; once per batch (`_settle`) the
+  skipped records are counted (`bad_records.py`), logged by file, or, with
+  `--on_bad_record=fail`, turned into an error naming them; labels are checked
+  against the label map there too, so a wrong label stops training with the
+  record's name instead of becoming a silent wrong class.
 """
 import dataclasses
 import hashlib
@@ -451,8 +455,11 @@ class _Pipeline:
     # Folders name their files through `detail` (the list may be huge).
     files = tf.constant([""] if s.kind == "folder" else list(s.files))
 
+    def file_of(units):
+      return tf.gather(files, tf.minimum(units, files.shape[0] - 1))
+
     def describe_bad():
-      file = tf.gather(files, tf.minimum(unit, len(s.files) - 1))
+      file = file_of(unit)
       if s.kind == "folder":
         gap = detail
       elif exact:
@@ -488,7 +495,7 @@ class _Pipeline:
 
       def label_error():
         i = tf.argmax(tf.cast(wrong, tf.int32))
-        file = tf.gather(files, tf.minimum(unit[i], len(s.files) - 1))
+        file = file_of(unit[i])
         name = tf.strings.join(["line " if s.kind == "csv" else "record ",
                                 tf.strings.as_string(index[i] + (2 if s.kind == "csv" else 0)),
                                 " of ", file])

@@ -436,43 +436,50 @@ def prepare(config: PrepareConfig,
       f"{workers} processes")
   pool = None
   try:
-    for split in SPLITS:
-      num = shard_counts[split]
-      if not num:
-        continue
-      split_dir = os.path.join(out, split)
-      tf.io.gfile.makedirs(split_dir)
-      _write_labels(os.path.join(split_dir, LABELS_FILENAME), names)
-      for shard in range(num):
-        shard_items = plan.get((split, shard), [])
-        name = tfrecords.shard_name(split, shard, num)
-        path = os.path.join(split_dir, name)
-        key = f"{split}/{name}"
-        fingerprint = _fingerprint(config, names, shard_items)
-        previous = state["shards"].get(key)
-        if previous and previous["fingerprint"] == fingerprint and tf.io.gfile.exists(path):
-          bad_files.extend(previous["bad"])
-          _add(conversions, previous.get("conversions", {}))
-          split_counts[split] += previous["examples"]
-          skipped_shards += 1
-          progress.update(done=len(shard_items), bad=len(previous["bad"]),
-                          skipped=len(shard_items))
-          _check_bad(len(bad_files), allowed_bad, total, config, out)
+    try:
+      for split in SPLITS:
+        num = shard_counts[split]
+        if not num:
           continue
-        if pool is None and shard_items:
-          pool = multiprocessing.get_context("spawn").Pool(workers)
-        record = _write_shard(pool, path, shard_items, names, config, progress,
-                              bad_files, allowed_bad, total)
-        state["shards"][key] = dict(record, fingerprint=fingerprint)
-        _save_state(out, state)
-        _add(conversions, record["conversions"])
-        split_counts[split] += record["examples"]
-        written += 1
-      _remove_stale_shards(split_dir, split, num, state)
-    for split in SPLITS:  # a split switched off since the last run
-      if not shard_counts[split] and tf.io.gfile.isdir(os.path.join(out, split)):
-        _remove_stale_shards(os.path.join(out, split), split, 0, state)
-    _save_state(out, state)
+        split_dir = os.path.join(out, split)
+        tf.io.gfile.makedirs(split_dir)
+        _write_labels(os.path.join(split_dir, LABELS_FILENAME), names)
+        for shard in range(num):
+          shard_items = plan.get((split, shard), [])
+          name = tfrecords.shard_name(split, shard, num)
+          path = os.path.join(split_dir, name)
+          key = f"{split}/{name}"
+          fingerprint = _fingerprint(config, names, shard_items)
+          previous = state["shards"].get(key)
+          if previous and previous["fingerprint"] == fingerprint and tf.io.gfile.exists(path):
+            bad_files.extend(previous["bad"])
+            _add(conversions, previous.get("conversions", {}))
+            split_counts[split] += previous["examples"]
+            skipped_shards += 1
+            progress.update(done=len(shard_items), bad=len(previous["bad"]),
+                            skipped=len(shard_items))
+            _check_bad(len(bad_files), allowed_bad, total, config, out)
+            continue
+          if pool is None and shard_items:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+          record = _write_shard(pool, path, shard_items, names, config, progress,
+                                bad_files, allowed_bad, total)
+          state["shards"][key] = dict(record, fingerprint=fingerprint)
+          _save_state(out, state)
+          _add(conversions, record["conversions"])
+          split_counts[split] += record["examples"]
+          written += 1
+        _remove_stale_shards(split_dir, split, num, state)
+      for split in SPLITS:  # a split switched off since the last run
+        if not shard_counts[split] and tf.io.gfile.isdir(os.path.join(out, split)):
+          _remove_stale_shards(os.path.join(out, split), split, 0, state)
+      _save_state(out, state)
+    except ConfigError:
+      # Too many bad images: leave a report of what was found so far.
+      _write_json(os.path.join(out, REPORT_FILENAME), dict(
+          _report(config, names, split_counts, bad_files, ignored, conversions, written,
+                  skipped_shards, total), status="failed: too many bad images"))
+      raise
   finally:
     if pool is not None:
       pool.terminate()
@@ -527,12 +534,7 @@ def _write_shard(pool, path: str, items: Sequence[_Item], names, config,
           bad.append(entry)
           bad_files.append(entry)
           progress.update(done=1, bad=1)
-          if len(bad_files) > allowed_bad:
-            _write_json(os.path.join(os.path.dirname(os.path.dirname(path)),
-                                     REPORT_FILENAME),
-                        {"status": "failed: too many bad images", "bad_files": bad_files})
-            _check_bad(len(bad_files), allowed_bad, total, config,
-                       os.path.dirname(os.path.dirname(path)))
+          _check_bad(len(bad_files), allowed_bad, total, config, config.output_dir)
   except BaseException:
     if tf.io.gfile.exists(tmp):
       tf.io.gfile.remove(tmp)
@@ -557,6 +559,7 @@ def _remove_stale_shards(split_dir: str, split: str, num: int, state: dict) -> N
 def _report(config, names, split_counts, bad_files, ignored, conversions, written,
             skipped_shards, total) -> dict:
   return {
+      "status": "ok",
       "image_dir": config.image_dir,
       "output_dir": config.output_dir,
       "classes": list(names),
