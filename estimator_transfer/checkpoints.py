@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import time
 from typing import List, Optional
 
@@ -32,7 +31,7 @@ STATE_FILENAME = "checkpoint"
 ON_CORRUPT_CHOICES = ("error", "previous")
 _INDEX_RE = re.compile(r"^(?P<prefix>.+)-(?P<step>\d+)\.index$")
 _SHARD_RE = re.compile(r"\.data-(\d+)-of-(\d+)$")
-_FIX = ("restore the file, or re-run with --on_corrupt_checkpoint=previous to "
+_FIX = ("restore the file, or re-run et-train with --on_corrupt_checkpoint=previous to "
         "resume from the newest readable checkpoint")
 
 
@@ -71,6 +70,7 @@ def data_files(prefix: str) -> List[str]:
 
 
 def glob_escape(path: str) -> str:
+  """`path` with glob metacharacters escaped, for tf.io.gfile.glob."""
   return re.sub(r"([*?\[])", r"[\1]", path)
 
 

@@ -157,11 +157,9 @@ def mix_input_fns(new_fn, replay_fn, replay_ratio: float, batch_size: int,
 
 
 def metric_mode(metric: str, mode: str = "auto") -> str:
-  """`max` or `min`: auto is min for metrics named like a loss or an error."""
-  if mode in ("max", "min"):
-    return mode
-  lowered = metric.lower()
-  return "min" if "loss" in lowered or "error" in lowered else "max"
+  """`max` or `min`, decided as for the best export (auto: min for losses/errors)."""
+  from estimator_transfer import exporters  # pylint: disable=g-import-not-at-top
+  return exporters.metric_mode(metric, mode)
 
 
 @dataclasses.dataclass

@@ -16,8 +16,9 @@ Layout:
   DIR/<key>/                  one key per backbone: a hash of its content (the
                               weights / model / module files), architecture,
                               image size, value range, cut point
-                              (--backbone_output_layer), freeze point and the
-                              preprocessing version (key.json says which)
+                              (--backbone_output_layer), freeze point and a
+                              hash of the preprocessing code (decoding,
+                              resizing, value range); key.json says which
     backbone/                 the snapshot: a checkpoint of the backbone
                               values the features were computed with, and
                               snapshot.json (content id, feature size)
@@ -88,8 +89,6 @@ from estimator_transfer.model_fn import CACHED_FEATURES_KEY
 log = logging.getLogger("estimator_transfer")
 
 FORMAT_VERSION = 1
-# Bump when preprocessing.decode_and_resize changes what pixels it gives.
-PREPROCESSING_VERSION = "decode_image-rgb/bilinear-antialias/clip01/v1"
 FOLDER_UNIT = 256  # image files per unit of an image folder
 KEY_FILENAME = "key.json"
 SNAPSHOT_DIRNAME = "backbone"
@@ -145,6 +144,18 @@ def _weights_files(path: str) -> List[str]:
   return sorted([path + ".index"] + tf.io.gfile.glob(path + ".data-*"))
 
 
+def _preprocessing_version() -> str:
+  """A hash of the code between image bytes and the backbone's input.
+
+  Any edit of the decoding/resizing or of the value-range mapping gives new
+  keys, so features of other pixels are never reused.
+  """
+  import inspect  # pylint: disable=g-import-not-at-top
+  code = inspect.getsource(preprocessing.decode_and_resize) + inspect.getsource(
+      backbones.to_value_range)
+  return hashlib.sha1(code.encode()).hexdigest()[:12]
+
+
 def fingerprint(config: ExperimentConfig,
                 resolved: backbones.ResolvedBackbone) -> Tuple[str, dict]:
   """The cache key of a backbone: (16 hex digits, what they hash).
@@ -153,7 +164,7 @@ def fingerprint(config: ExperimentConfig,
   one (same name) gets a new one.
   """
   b = config.backbone
-  details = {"format": FORMAT_VERSION, "preprocessing": PREPROCESSING_VERSION,
+  details = {"format": FORMAT_VERSION, "preprocessing": _preprocessing_version(),
              "kind": resolved.kind, "image_size": resolved.image_size,
              "value_range": resolved.value_range, "output_layer": b.output_layer,
              "freeze": "all"}
@@ -645,6 +656,7 @@ class FeatureCache:
           "new --model_dir, or delete the cache's backbone/ and units/ to rebuild "
           "them from the model's snapshot.")
     if pin and pinned is None and self.model_dir_root:
+      self._check_checkpoint_agrees(cached)
       tmp = f"{self.pinned_snapshot_dir}{_TMP}{uuid.uuid4().hex[:8]}"
       _copy_dir(cached.directory, tmp)
       _publish_dir(tmp, self.pinned_snapshot_dir)
@@ -653,6 +665,30 @@ class FeatureCache:
         raise ConfigError(f"{self.pinned_snapshot_dir} could not be written or "
                           "holds another snapshot; start a new --model_dir.")
     return cached
+
+  def _check_checkpoint_agrees(self, snapshot: Snapshot) -> None:
+    """A model_dir first trained without the cache must hold the snapshot's values.
+
+    Otherwise (e.g. random backbone weights drawn twice) the head would go on
+    training on features of another backbone than the one in its checkpoint.
+    """
+    latest = tf.train.latest_checkpoint(self.config.run.model_dir)
+    if not latest:
+      return
+    try:
+      reader = tf.train.load_checkpoint(latest)
+    except (tf.errors.OpError, ValueError):
+      return  # a broken checkpoint: the resume logic reports or skips it
+    names = reader.get_variable_to_shape_map()
+    snapshot_reader = tf.train.load_checkpoint(snapshot.prefix)
+    for name in snapshot_reader.get_variable_to_shape_map():
+      if name in names and not np.array_equal(reader.get_tensor(name),
+                                              snapshot_reader.get_tensor(name)):
+        raise ConfigError(
+            f"the checkpoint {latest} holds other backbone values ({name}) than the "
+            f"feature cache's snapshot {snapshot.directory}; start a new --model_dir "
+            f"(--warm_start_from={self.config.run.model_dir} keeps the head) or train "
+            "it without --cache_features.")
 
   # --- units -----------------------------------------------------------------
 
@@ -832,9 +868,19 @@ def build_input_fn(cache: FeatureCache, data: str, training: bool,
   spec = {FEATURE_KEY: tf.io.FixedLenFeature([dim], tf.float32),
           LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
 
+  # Plain graph code: autograph's conversion would only add tracing time.
+  @tf.autograph.experimental.do_not_convert
   def parse(records):
     parsed = tf.io.parse_example(records, spec)
     return parsed[FEATURE_KEY], tf.cast(parsed[LABEL_KEY], tf.int32)
+
+  @tf.autograph.experimental.do_not_convert
+  def as_features(features, labels):
+    return {CACHED_FEATURES_KEY: features}, labels
+
+  @tf.autograph.experimental.do_not_convert
+  def read(path):
+    return tf.data.TFRecordDataset(path)
 
   def input_fn(params=None, config=None, input_context=None):
     del params
@@ -842,8 +888,10 @@ def build_input_fn(cache: FeatureCache, data: str, training: bool,
     total = sum(c for c in cached.counts if c)
     if not training:
       ds = tf.data.TFRecordDataset(files).batch(batch_size).map(parse)
-      return ds.map(lambda f, l: ({CACHED_FEATURES_KEY: f}, l)).prefetch(tf.data.AUTOTUNE)
-    num_shards, index = input_fns._shard_spec(config, input_context)  # pylint: disable=protected-access
+      return ds.map(as_features).prefetch(tf.data.AUTOTUNE)
+    # pylint: disable=protected-access
+    num_shards, index = input_fns._shard_spec(config, input_context)
+    # pylint: enable=protected-access
     record_shards = num_shards > 1 and len(files) < num_shards
     if num_shards > 1 and not record_shards:
       files = files[index::num_shards]
@@ -856,7 +904,7 @@ def build_input_fn(cache: FeatureCache, data: str, training: bool,
       if shuffle:
         file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
       file_ds = file_ds.repeat(num_epochs)
-    ds = file_ds.flat_map(tf.data.TFRecordDataset)
+    ds = file_ds.flat_map(read)
     if record_shards:
       ds = ds.shard(num_shards, index)
     ds = ds.batch(1024).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
@@ -870,8 +918,7 @@ def build_input_fn(cache: FeatureCache, data: str, training: bool,
       ds = ds.repeat(num_epochs)
     elif shuffle:
       ds = ds.shuffle(i.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda f, l: ({CACHED_FEATURES_KEY: f}, l))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size).map(as_features).prefetch(tf.data.AUTOTUNE)
 
   input_fn.cached = cached
   return input_fn

@@ -42,7 +42,7 @@ class ProgressHook(tf.compat.v1.train.SessionRunHook):
     self._global_step = tf.compat.v1.train.get_global_step()
     graph = tf.compat.v1.get_default_graph()
     try:
-      self._lr = graph.get_tensor_by_name("learning_rate:0")
+      self._lr = graph.get_tensor_by_name("current_learning_rate:0")
     except KeyError:
       self._lr = tf.constant(float("nan"))
 

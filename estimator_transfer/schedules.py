@@ -29,6 +29,11 @@ _EPOCHS_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)e$")
 _MULTIPLIER_RE = re.compile(r"(.+?)=([-+0-9.eE]+)\s*(?:,\s*|$)", re.S)
 
 
+# The op's name; the summary keeps the plain tag "learning_rate" (an op of that
+# name would push the summary tag to "learning_rate_1").
+LEARNING_RATE_OP = "current_learning_rate"
+
+
 def piecewise_constant(step: int, boundaries: Sequence[int],
                        values: Sequence[float], warmup_steps: int = 0) -> float:
   """Learning rate at `step`, in pure Python (the reference for the graph op).
@@ -58,7 +63,7 @@ def piecewise_constant_op(global_step, boundaries: Sequence[int],
   if warmup_steps:
     frac = tf.minimum(tf.cast(step + 1, tf.float32) / float(warmup_steps), 1.0)
     rate = rate * frac
-  return tf.identity(rate, name="learning_rate")
+  return tf.identity(rate, name=LEARNING_RATE_OP)
 
 
 def stage_index_op(global_step, boundaries: Sequence[int]):

@@ -219,6 +219,7 @@ def build_plan(source: Source, variables, class_names: Sequence[str]) -> Plan:
 
 
 def log_plan(plan: Plan) -> None:
+  """Logs what the warm start restores, merges, skips and re-initialises."""
   log.info("warm start from %s: restored %d variables (BatchNorm statistics and "
            "EMA included); optimizer state and global step start fresh",
            plan.source.checkpoint, len(plan.restore) + len(plan.ema_from_weight))
@@ -237,6 +238,7 @@ def log_plan(plan: Plan) -> None:
 
 
 def write_record(plan: Plan, model_dir: str) -> str:
+  """Writes `model_dir/warm_start.json` atomically; returns its path."""
   path = os.path.join(model_dir, RECORD_FILENAME)
   tf.io.gfile.makedirs(model_dir)
   with tf.io.gfile.GFile(path + ".tmp", "w") as f:

@@ -13,6 +13,7 @@ from estimator_transfer import hooks
 from estimator_transfer import runner
 from estimator_transfer.config import ConfigError, GuardConfig
 
+from conftest import run_cli
 from continual_helpers import read_checkpoint
 
 
@@ -31,18 +32,21 @@ def test_non_finite_loss_hook_names_the_step(bad, tmp_path):
           sess.run(train_op)
 
 
-def test_divergence_stops_training_and_no_checkpoint_holds_it(make_config):
+def test_divergence_stops_training_and_no_checkpoint_holds_it(tiny_data, tiny_backbone,
+                                                              tmp_path):
   # A learning rate this large makes the weights Inf/NaN within a few steps;
   # checkpoints are due at every step, so one would be written from the
   # diverged state unless the finite-checkpoint listener stops it.
-  cfg = make_config(schedule__values=(1e8,), optimizer__name="sgd",
-                    run__save_checkpoints_steps=1, run__max_steps=20)
-  with pytest.raises(hooks.DivergedError) as error:
-    runner.Experiment(cfg).train()
-  message = str(error.value)
-  assert "global step" in message
+  model_dir = str(tmp_path / "model")
+  result = run_cli("et-train", f"--backbone={tiny_backbone['h5']}", "--freeze=none",
+                   f"--train_data={tiny_data['train']}", f"--model_dir={model_dir}",
+                   "--lr_values=1e8", "--optimizer=sgd", "--batch_size=8",
+                   "--save_checkpoints_steps=1", "--max_steps=20")
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  message = result.stderr.strip().splitlines()[-1]
+  assert message.startswith("et-train: error: ") and "global step" in message
   assert "nothing was saved" in message or "without writing that checkpoint" in message
-  model_dir = cfg.run.model_dir
   latest = tf.train.latest_checkpoint(model_dir)
   assert f"the last good checkpoint is {latest}" in message
   assert checkpoints.step_of(latest) < 20
@@ -105,7 +109,7 @@ class SnapshotHook(tf.compat.v1.train.SessionRunHook):
 
   def begin(self):
     self._vars = {v.op.name: v for v in tf.compat.v1.global_variables()}
-    self._lr = tf.compat.v1.get_default_graph().get_tensor_by_name("learning_rate:0")
+    self._lr = tf.compat.v1.get_default_graph().get_tensor_by_name("current_learning_rate:0")
 
   def after_create_session(self, session, coord):
     self.snapshots.append(session.run({"vars": self._vars, "lr": self._lr}))

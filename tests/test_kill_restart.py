@@ -14,8 +14,6 @@ import subprocess
 import sys
 import time
 
-import tensorflow as tf
-
 from estimator_transfer import checkpoints
 from estimator_transfer import config as config_lib
 from estimator_transfer import runner

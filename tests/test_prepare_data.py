@@ -178,6 +178,10 @@ def test_rerun_is_idempotent_and_adding_images_keeps_old_splits(messy, tmp_path)
   assert {k: splits_after[k] for k in splits_before} == splits_before
   assert len(splits_after) == len(splits_before) + 6
   assert 0 < third["shards_written"] < len(shards) + 1
+  prepare.prepare(_config(images, out, num_shards=2), log=lambda m: None)
+  left = sorted(f for _, _, fs in os.walk(out) for f in fs if ".tfrecord" in f)
+  assert left == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
+                  "validation-00000-of-00001.tfrecord"]  # the old shards are gone
 
 
 def test_split_is_a_stable_function_of_the_path():

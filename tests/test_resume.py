@@ -2,6 +2,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -16,10 +17,14 @@ from continual_helpers import (CaptureAfterRestoreHook, assert_values_equal, ckp
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tiny_backbone, tmp_path_factory):
-  """A run trained to step 6 with Adam and EMA (checkpoints at 0, 3, 6)."""
+  """A run trained to step 6 with Adam and EMA (checkpoints at 0, 3, 6).
+
+  Its backbone is frozen until step 6 and unfrozen from there (gradual
+  unfreezing), so a resume at step 6 must continue in the unfrozen stage.
+  """
   model_dir = tmp_path_factory.mktemp("resume") / "model"
   cfg = tiny_config(tiny_data, tiny_backbone, model_dir, optimizer__name="adam",
-                    optimizer__ema_decay=0.9)
+                    optimizer__ema_decay=0.9, freeze__unfreeze_schedule="0:all,6:none")
   runner.Experiment(cfg).train()
   return cfg
 
@@ -30,7 +35,8 @@ def _copy(cfg, tmp_path, **overrides):
   return cfg.replace(run__model_dir=str(model_dir), **overrides)
 
 
-def test_resume_restores_every_variable_and_stops_at_max_steps(trained, tmp_path):
+def test_resume_restores_every_variable_and_stops_at_max_steps(trained, tiny_backbone,
+                                                              tmp_path):
   cfg = _copy(trained, tmp_path, run__max_steps=9)
   saved = read_checkpoint(ckpt_path(cfg.run.model_dir, 6))
   # Optimizer slots (Adam m/v and beta powers) and EMA shadows are there to compare.
@@ -38,12 +44,15 @@ def test_resume_restores_every_variable_and_stops_at_max_steps(trained, tmp_path
   assert any(n.endswith("/ExponentialMovingAverage") for n in saved)
   capture = CaptureAfterRestoreHook()
   experiment = runner.Experiment(cfg)
-  # A warm-start source on a resumed run must change nothing.
   assert experiment.train(hooks=[capture]) == 9
   assert experiment.outcome.resumed_from == ckpt_path(cfg.run.model_dir, 6)
   assert_values_equal(capture.values, saved)
-  # Re-running the same command is a no-op: max_steps, never `steps`.
+  # The unfreeze stage follows the restored step: frozen up to 6, trained after.
   final = read_checkpoint(ckpt_path(cfg.run.model_dir, 9))
+  pretrained = tiny_backbone["values"]["conv1/kernel"]
+  assert np.array_equal(saved["conv1/kernel"], pretrained)
+  assert not np.array_equal(final["conv1/kernel"], pretrained)
+  # Re-running the same command is a no-op: max_steps, never `steps`.
   assert runner.Experiment(cfg).train() == 9
   assert checkpoints.step_of(checkpoints.resolve_resume_checkpoint(cfg.run.model_dir)) == 9
   assert_values_equal(read_checkpoint(ckpt_path(cfg.run.model_dir, 9)), final)

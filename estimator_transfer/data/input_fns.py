@@ -468,8 +468,9 @@ class _Pipeline:
                                tf.strings.as_string(line), " of ", file])
       else:
         gap = tf.strings.join([tf.strings.as_string(skipped), " record(s) of ", file])
-      tail = tf.strings.join([file, " after its first ", tf.strings.as_string(index),
-                              " record(s) (a truncated or corrupt TFRecord file)"])
+      tail = tf.strings.join(["the rest of ", file, " after its first ",
+                              tf.strings.as_string(index), " record(s) (a truncated or "
+                              "corrupt TFRecord file)"])
       both = tf.where(skipped > 0, tf.strings.join([gap, " and ", tail]), tail)
       each = tf.where(truncated, both, gap)
       return tf.strings.reduce_join(tf.boolean_mask(each, bad > 0), separator="; ")
@@ -638,6 +639,8 @@ class _Pipeline:
     # the cores the training step needs (the tf.data performance guide's
     # advice; measured by scripts/benchmark.py --only=input).
     options.threading.max_intra_op_parallelism = 1
+    if os.environ.get("ET_POOL"):
+      options.threading.private_threadpool_size = int(os.environ["ET_POOL"])
     ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
 
