@@ -6,13 +6,50 @@ second pass; the same report can be built for an exported SavedModel.
 """
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 REPORT_FILENAME = "eval_results.json"
 CONFUSION_PNG = "confusion_matrix.png"
+
+
+def top_k_for(num_classes: int) -> int:
+  """k of the reported top-k accuracy: 5, or fewer for small label sets."""
+  return min(5, num_classes - 1)
+
+
+def scalar_metrics(result: Mapping) -> Dict[str, float]:
+  """The scalar entries of an Estimator eval result as plain numbers."""
+  out = {}
+  for key, value in result.items():
+    if np.ndim(value) == 0:
+      out[key] = int(value) if key == "global_step" else float(value)
+  return out
+
+
+def full_report(result: Mapping, class_names: Sequence[str],
+                checkpoint_path: str = "", data: str = "") -> Dict:
+  """Scalars of an eval result plus per-class precision/recall/F1.
+
+  Args:
+    result: Estimator.evaluate output (may hold "confusion_matrix").
+    class_names: the model's class names.
+    checkpoint_path: what was evaluated, recorded in the report.
+    data: the evaluation data, recorded in the report.
+  """
+  report = scalar_metrics(result)
+  matrix = result.get("confusion_matrix")
+  if matrix is not None and np.ndim(matrix) == 2:
+    names = list(class_names) or [str(i) for i in range(np.shape(matrix)[0])]
+    per_class = classification_report(matrix, names)
+    report.update({k: v for k, v in per_class.items() if k != "accuracy"})
+  if checkpoint_path:
+    report["checkpoint"] = checkpoint_path
+  if data:
+    report["eval_data"] = data
+  return report
 
 
 def confusion_matrix_metric(labels, predictions, num_classes: int):
@@ -115,3 +152,92 @@ def render_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: s
                   fill="black" if shade > 110 else "white")
   with tf.io.gfile.GFile(path, "wb") as f:
     image.save(f, format="PNG")
+
+
+def labelled_images(data: str, image_key: str, label_key: str):
+  """Yields (encoded image bytes, class id) from TFRecords or an image folder."""
+  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  if labels_lib.is_image_folder(data):
+    files, ids, _ = input_fns.list_image_folder(data)
+    for path, label in zip(files, ids):
+      with tf.io.gfile.GFile(path, "rb") as f:
+        yield f.read(), label
+    return
+  keys = {image_key: tf.io.FixedLenFeature([], tf.string),
+          label_key: tf.io.FixedLenFeature([], tf.int64)}
+  for path in input_fns.list_tfrecord_files(data):
+    for record in tf.compat.v1.io.tf_record_iterator(path):
+      example = tf.train.Example.FromString(record)
+      feature = example.features.feature
+      if image_key not in feature or label_key not in feature:
+        continue
+      yield feature[image_key].bytes_list.value[0], int(feature[label_key].int64_list.value[0])
+
+
+def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded",
+                    label_key: str = "image/class/label", batch_size: int = 32) -> Dict:
+  """Evaluates an exported SavedModel through its image-bytes signature.
+
+  The images go through the export's own decoding and resizing, as TF Serving
+  would run them; undecodable images are counted in `skipped_examples`.
+
+  Returns:
+    A report like `full_report` (accuracy, top-k, loss, per-class numbers).
+  """
+  from estimator_transfer import predict  # pylint: disable=g-import-not-at-top
+  predictor = predict.Predictor.from_saved_model(export_path)
+  names = predictor.class_names
+  probabilities, labels, skipped = [], [], 0
+  batch, batch_labels = [], []
+
+  def flush():
+    nonlocal skipped
+    if not batch:
+      return
+    try:
+      probabilities.append(predictor(batch)["probabilities"])
+      labels.extend(batch_labels)
+    except tf.errors.InvalidArgumentError:
+      for image, label in zip(batch, batch_labels):  # find the bad one(s)
+        try:
+          probabilities.append(predictor([image])["probabilities"])
+          labels.append(label)
+        except tf.errors.InvalidArgumentError:
+          skipped += 1
+    batch.clear()
+    batch_labels.clear()
+
+  try:
+    for image, label in labelled_images(data, image_key, label_key):
+      batch.append(image)
+      batch_labels.append(label)
+      if len(batch) == batch_size:
+        flush()
+    flush()
+  finally:
+    predictor.close()
+  if not labels:
+    raise ValueError(f"no labelled, decodable examples in {data}")
+  probs = np.concatenate(probabilities)
+  labels = np.asarray(labels)
+  num_classes = probs.shape[1]
+  if labels.max() >= num_classes:
+    raise ValueError(f"{data} has label {labels.max()} but the export has "
+                     f"{num_classes} classes")
+  predicted = probs.argmax(axis=1)
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (labels, predicted), 1)
+  result = {"confusion_matrix": matrix,
+            "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels],
+                                                  1e-12, 1.0))))}
+  k = top_k_for(num_classes)
+  if k > 1:
+    top = np.argsort(-probs, axis=1)[:, :k]
+    result[f"top_{k}_accuracy"] = float(np.mean([l in row for l, row in zip(labels, top)]))
+  result["accuracy"] = float(np.mean(predicted == labels))
+  report = full_report(result, names or [str(i) for i in range(num_classes)],
+                       data=data)
+  report["export"] = export_path
+  report["skipped_examples"] = skipped
+  return report

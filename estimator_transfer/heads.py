@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
+from estimator_transfer import evaluation
+
 from estimator_transfer.config import ConfigError, HeadConfig
 
 BALANCED = "balanced"
@@ -141,7 +143,17 @@ class Head:
               "precision": m.precision(targets, decisions),
               "recall": m.recall(targets, decisions)}
     ids = tf.cast(self._class_ids(labels), tf.int64)
-    return {"accuracy": m.accuracy(ids, tf.argmax(logits, axis=-1))}
+    predicted = tf.argmax(logits, axis=-1)
+    num_classes = self._config.num_classes
+    metrics = {"accuracy": m.accuracy(ids, predicted),
+               # One pass gives the per-class report: precision, recall, F1.
+               "confusion_matrix": evaluation.confusion_matrix_metric(ids, predicted,
+                                                                      num_classes)}
+    k = evaluation.top_k_for(num_classes)
+    if k > 1:
+      in_top_k = tf.math.in_top_k(tf.cast(ids, tf.int32), tf.cast(logits, tf.float32), k)
+      metrics[f"top_{k}_accuracy"] = m.mean(tf.cast(in_top_k, tf.float32))
+    return metrics
 
   # --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from estimator_transfer import continual
 from estimator_transfer import hooks as hooks_lib
 from estimator_transfer import warm_start
 from estimator_transfer import config as config_lib
+from estimator_transfer import evaluation
 from estimator_transfer import export as export_lib
 from estimator_transfer import exporters
 from estimator_transfer import model_fn as model_fn_lib
@@ -332,9 +333,10 @@ class Experiment:
         hooks=[hooks_lib.StopOnSignalHook(preemption)])
     if preemption.requested:
       return None
-    result = {k: (int(v) if k == "global_step" else float(v)) for k, v in result.items()}
-    _write_atomically(os.path.join(self.config.run.model_dir, EVAL_RESULTS_FILENAME),
-                      json.dumps(result, indent=2, sort_keys=True))
+    evaluation.write_report(evaluation.full_report(
+        result, self.config.head.class_names, checkpoint, self.config.input.eval_data),
+        self.config.run.model_dir)
+    result = evaluation.scalar_metrics(result)
     log.info("step %d eval: %s", checkpoints.step_of(checkpoint), ", ".join(
         f"{k} {v:.4f}" for k, v in sorted(result.items()) if k != "global_step"))
     return result
@@ -370,8 +372,14 @@ class Experiment:
                state.best_step, state.evals_without_improvement)
 
   def evaluate(self, data: Optional[str] = None,
-               checkpoint_path: Optional[str] = None) -> Dict[str, float]:
-    """Evaluates a checkpoint (latest by default) and writes eval_results.json."""
+               checkpoint_path: Optional[str] = None,
+               output_dir: Optional[str] = None) -> Dict[str, float]:
+    """Evaluates a checkpoint (latest by default); returns the scalar metrics.
+
+    The full report (scalars, per-class precision/recall/F1, confusion
+    matrix) goes to `output_dir` (default model_dir) as eval_results.json and
+    confusion_matrix.png, and stays in `self.last_report`.
+    """
     data = data or self.config.input.eval_data
     if not data:
       raise ConfigError("--eval_data is required for evaluation.")
@@ -379,12 +387,11 @@ class Experiment:
     steps = self.config.run.eval_steps or None
     metrics = self.estimator.evaluate(self.input_fn(data, training=False), steps=steps,
                                       checkpoint_path=checkpoint_path)
-    result = {k: (int(v) if k == "global_step" else float(v)) for k, v in metrics.items()}
-    path = os.path.join(self.config.run.model_dir, EVAL_RESULTS_FILENAME)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-      f.write(json.dumps(result, indent=2, sort_keys=True))
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-    return result
+    evaluated = checkpoint_path or tf.train.latest_checkpoint(self.config.run.model_dir)
+    self.last_report = evaluation.full_report(metrics, self.config.head.class_names,
+                                              evaluated or "", data)
+    evaluation.write_report(self.last_report, output_dir or self.config.run.model_dir)
+    return evaluation.scalar_metrics(metrics)
 
   def export(self, export_dir: Optional[str] = None,
              checkpoint_path: Optional[str] = None, verify=None) -> str:

@@ -1,5 +1,17 @@
-"""et-evaluate: evaluate a checkpoint on --eval_data; writes eval_results.json."""
+"""et-evaluate: evaluate a checkpoint or an export; writes the eval report.
+
+  et-evaluate --model_dir=runs/x                        # latest checkpoint
+  et-evaluate --model_dir=runs/x --checkpoint_path=best # best kept by et-train
+  et-evaluate --model_dir=runs/x --checkpoint_path=runs/x/model.ckpt-400
+  et-evaluate --export_path=exports/x --eval_data=data/validation
+
+Writes eval_results.json (accuracy, top-k, loss, per-class precision/recall/
+F1, confusion matrix, number of examples, checkpoint step) and
+confusion_matrix.png into --eval_output_dir (default: the model_dir, or the
+export version directory's parent for an export).
+"""
 import json
+import os
 
 from absl import flags
 
@@ -7,19 +19,77 @@ from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
 
 
+def define_evaluate_flags():
+  et_flags.define_flags()
+  if "export_path" in flags.FLAGS:
+    return
+  flags.DEFINE_string("export_path", "", "et-evaluate: evaluate this SavedModel export "
+                      "(a version dir, or an export base dir for its newest version) "
+                      "instead of a checkpoint; needs --eval_data.")
+  flags.DEFINE_string("eval_output_dir", "", "et-evaluate: where to write "
+                      "eval_results.json and confusion_matrix.png (default: model_dir).")
+
+
+def _print_summary(report, what):
+  scalars = {k: v for k, v in report.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  print(json.dumps(scalars, sort_keys=True))
+  for name, row in report.get("per_class", {}).items():
+    print(f"  {name:>16}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+          f"f1 {row['f1']:.3f}  n={row['support']}")
+  step = f" at step {report['global_step']}" if "global_step" in report else ""
+  print(f"et-evaluate: accuracy {report['accuracy']:.4f}{step} on "
+        f"{report.get('eval_data', '')} ({what})")
+
+
+def _checkpoint(model_dir: str, value: str):
+  from estimator_transfer import continual  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if value in ("", "latest"):
+    return None
+  if value == "best":
+    best = continual.LoopState.load(model_dir).best_path(model_dir)
+    if not best:
+      raise ConfigError(f"{model_dir} has no best checkpoint yet; train with "
+                        "--eval_data and --early_stopping_metric, or use "
+                        "--checkpoint_path=latest.")
+    return best
+  return value
+
+
 def main(argv):
   del argv
+  from estimator_transfer import evaluation  # pylint: disable=g-import-not-at-top
   from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
-  cfg = et_flags.flags_to_config(flags.FLAGS)
+  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if f.export_path:
+    if not f.eval_data:
+      raise ConfigError("--eval_data is required to evaluate an export.")
+    if not os.path.exists(f.export_path):
+      raise ConfigError(f"--export_path={f.export_path} does not exist.")
+    try:
+      report = evaluation.evaluate_export(f.export_path, f.eval_data, f.image_key,
+                                          f.label_key, f.eval_batch_size or f.batch_size)
+    except ValueError as e:
+      raise ConfigError(f"cannot evaluate {f.export_path}: {e}.") from e
+    out = f.eval_output_dir or os.path.dirname(os.path.abspath(report["export"].rstrip("/")))
+    paths = evaluation.write_report(report, out)
+    _print_summary(report, f"export {f.export_path}")
+    print(f"et-evaluate: report {paths['json']}")
+    return
+  cfg = et_flags.flags_to_config(f)
   experiment = runner.Experiment(cfg)
-  metrics = experiment.evaluate(checkpoint_path=flags.FLAGS.checkpoint_path or None)
-  print(json.dumps(metrics, sort_keys=True))
-  print(f"et-evaluate: accuracy {metrics['accuracy']:.4f} at step "
-        f"{metrics['global_step']} on {cfg.input.eval_data}")
+  checkpoint = _checkpoint(cfg.run.model_dir, f.checkpoint_path)
+  experiment.evaluate(checkpoint_path=checkpoint, output_dir=f.eval_output_dir or None)
+  report = experiment.last_report
+  _print_summary(report, os.path.basename(report.get("checkpoint", "")) or "latest")
+  out = f.eval_output_dir or cfg.run.model_dir
+  print(f"et-evaluate: report {os.path.join(out, evaluation.REPORT_FILENAME)}")
 
 
 def run():
-  common.run_main("et-evaluate", et_flags.define_flags, main)
+  common.run_main("et-evaluate", define_evaluate_flags, main)
 
 
 if __name__ == "__main__":

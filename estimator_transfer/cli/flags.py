@@ -198,8 +198,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", d.input.batch_size, "Training batch size.")
   flags.DEFINE_integer("eval_batch_size", d.input.eval_batch_size, "Evaluation "
                        "batch size; 0 uses --batch_size.")
-  flags.DEFINE_integer("shuffle_buffer", d.input.shuffle_buffer, "Examples in the "
-                       "shuffle buffer.")
+  flags.DEFINE_integer("shuffle_buffer", d.input.shuffle_buffer, "Training: records "
+                       "shuffled together (split over the files read at once; "
+                       "files are shuffled every epoch too); 0: no record shuffle.")
   flags.DEFINE_string("image_key", d.input.image_key, "tf.Example key of the "
                       "encoded image bytes.")
   flags.DEFINE_string("label_key", d.input.label_key, "tf.Example key of the "
@@ -222,7 +223,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("exports_to_keep", d.export.exports_to_keep, "Newest export "
                        "versions to keep under --export_dir.")
   flags.DEFINE_string("checkpoint_path", "", "et-evaluate/et-export: a specific "
-                      "checkpoint (model_dir/model.ckpt-N); default the latest.")
+                      "checkpoint (model_dir/model.ckpt-N); et-evaluate also takes "
+                      "'best' (kept by et-train's eval loop) and 'latest' (default).")
   # Serving exports (et-export, and et-train with --export_dir).
   flags.DEFINE_list("serving_inputs", list(d.export.serving_inputs), "Signatures "
                     "to export, by input; the first is also serving_default; empty: "

@@ -364,8 +364,9 @@ class _Pipeline:
     marker = tf.constant("" if s.kind == "folder" else self._marker_payload())
     no_label = tf.constant(-1, tf.int32)
     if s.kind == "folder":
-      raw = tf.data.Dataset.from_tensor_slices((names, labels)).enumerate().map(
-          lambda i, pl: (pl[0], pl[1], tf.constant(_RECORD), i))
+      count = tf.size(names, tf.int64)
+      raw = tf.data.Dataset.from_tensor_slices((
+          names, labels, tf.fill([count], _RECORD), tf.range(count)))
     else:
       if s.kind == "csv":
         raw = tf.data.TextLineDataset(names[0]).skip(1).ignore_errors()
@@ -375,34 +376,42 @@ class _Pipeline:
         # below notices it. The nonce marks the end of the file.
         raw = tf.data.TFRecordDataset(names[0], buffer_size=1 << 20).ignore_errors()
         raw = raw.concatenate(tf.data.Dataset.from_tensors(tf.constant(self.nonce)))
+      shuffled = self.training and self.config.shuffle_buffer > 0
+      # Records are numbered (and, when training, sharded and permuted) a
+      # window at a time: one function call per window, not per record. The
+      # window is this unit's share of --shuffle_buffer; the interleave then
+      # mixes the units.
+      window = max(2, self.config.shuffle_buffer // self._cycle_length()) if shuffled else 256
+      record_sharded = self._record_sharded(num_shards)
+      seed = self._stateless_seed(epoch, unit_id, 2)
 
-      def number(state, payload):
-        index, read = state
-        kind = tf.constant(_RECORD)
+      def number(state, payloads):
+        index, read, w = state
+        kind = tf.fill(tf.shape(payloads), _RECORD)
         if s.kind == "tfrecord":
           # The tail counts as a bad record only when the file's bytes were
           # not all read; otherwise it becomes a no-op marker.
-          tail = tf.equal(payload, self.nonce)
-          kind = tf.where(tail, tf.where(tf.not_equal(read, size), _TAIL, _END), kind)
-          payload = tf.where(tail, marker, payload)
+          tail = tf.equal(payloads, self.nonce)
           # TFRecord framing: 8 bytes length, 4 + 4 bytes CRCs around the data.
-          read += tf.cast(tf.strings.length(payload), tf.int64) + 16
-        is_record = tf.equal(kind, _RECORD)
-        return (index + tf.cast(is_record, tf.int64), read), (payload, no_label, kind, index)
+          sizes = tf.cast(tf.strings.length(payloads), tf.int64) + 16
+          before = read + tf.cumsum(sizes, exclusive=True)
+          kind = tf.where(tail, tf.where(tf.not_equal(before, size), _TAIL, _END), kind)
+          payloads = tf.where(tail, marker, payloads)
+          read += tf.reduce_sum(sizes)
+        is_record = tf.cast(tf.equal(kind, _RECORD), tf.int64)
+        indices = index + tf.cumsum(is_record, exclusive=True)
+        parts = (payloads, tf.fill(tf.shape(payloads), -1), kind, indices)
+        if record_sharded:
+          keep = tf.logical_or(tf.not_equal(kind, _RECORD),
+                               tf.equal(indices % num_shards, shard_index))
+          parts = tuple(tf.boolean_mask(p, keep) for p in parts)
+        if shuffled:
+          parts = self._permuted(parts, seed + tf.stack([tf.constant(0, tf.int64), w * 7]))
+        return (index + tf.reduce_sum(is_record), read, w + 1), parts
 
-      raw = raw.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), number)
-    record_sharded = self._record_sharded(num_shards)
-    if record_sharded:
-      raw = raw.filter(lambda p, l, k, i: tf.logical_or(
-          tf.not_equal(k, _RECORD), tf.equal(i % num_shards, shard_index)))
-    shuffled = self.training and s.kind != "folder" and self.config.shuffle_buffer > 0
-    if shuffled:
-      # Records are permuted within windows of the unit (the interleave then
-      # mixes the units); the window is this unit's share of --shuffle_buffer.
-      window = max(2, self.config.shuffle_buffer // self._cycle_length())
-      seed = self._stateless_seed(epoch, unit_id, 2)
-      raw = raw.batch(window).enumerate().map(
-          lambda w, batch: self._permuted(batch, seed + tf.stack([0, w * 7]))).unbatch()
+      raw = raw.batch(window).scan(
+          (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+          number).unbatch()
     raw = raw.concatenate(tf.data.Dataset.from_tensors(
         (marker, no_label, tf.constant(_END), tf.constant(-1, tf.int64))))
 
@@ -639,8 +648,6 @@ class _Pipeline:
     # the cores the training step needs (the tf.data performance guide's
     # advice; measured by scripts/benchmark.py --only=input).
     options.threading.max_intra_op_parallelism = 1
-    if os.environ.get("ET_POOL"):
-      options.threading.private_threadpool_size = int(os.environ["ET_POOL"])
     ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
 
