@@ -656,10 +656,11 @@ class FeatureCache:
           f"{self.config.run.model_dir} was trained on features of backbone snapshot "
           f"{pinned.id} but the feature cache {self.root} now holds {cached.id} (it "
           "was rebuilt with other backbone values, e.g. new random weights); start a "
-          "new --model_dir, or delete the cache's backbone/ and units/ to rebuild "
-          "them from the model's snapshot.")
-    if pin and pinned is None and self.model_dir_root:
+          f"new --model_dir, or delete {self.snapshot_dir} to rebuild the cache from "
+          "the model's snapshot.")
+    if pinned is None and self.model_dir_root:
       self._check_checkpoint_agrees(cached)
+    if pin and pinned is None and self.model_dir_root:
       tmp = f"{self.pinned_snapshot_dir}{_TMP}{uuid.uuid4().hex[:8]}"
       _copy_dir(cached.directory, tmp)
       _publish_dir(tmp, self.pinned_snapshot_dir)
@@ -670,10 +671,10 @@ class FeatureCache:
     return cached
 
   def _check_checkpoint_agrees(self, snapshot: Snapshot) -> None:
-    """A model_dir first trained without the cache must hold the snapshot's values.
+    """A model_dir trained without the cache must hold the snapshot's values.
 
-    Otherwise (e.g. random backbone weights drawn twice) the head would go on
-    training on features of another backbone than the one in its checkpoint.
+    Otherwise (e.g. random backbone weights drawn twice) its head would train
+    on, or be evaluated on, features of another backbone than its own.
     """
     latest = tf.train.latest_checkpoint(self.config.run.model_dir)
     if not latest:

@@ -29,11 +29,13 @@ def _fmt_seconds(seconds: float) -> str:
 class ProgressHook(tf.compat.v1.train.SessionRunHook):
   """Logs step/max_steps, loss, learning rate, examples/s, elapsed and ETA."""
 
-  def __init__(self, loss, max_steps: int, batch_size: int, every_steps: int):
+  def __init__(self, loss, max_steps: int, batch_size: int, every_steps: int,
+               summary_dir: str = ""):
     self._loss = loss
     self._max_steps = max_steps
     self._batch_size = batch_size
     self._every = every_steps
+    self._summary_dir = summary_dir  # examples/s goes to TensorBoard too
     self._last_step = None
     self._last_time = None
     self._start = None
@@ -66,6 +68,10 @@ class ProgressHook(tf.compat.v1.train.SessionRunHook):
     log.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  elapsed %s  eta %s",
              step, self._max_steps, run_values.results["loss"], run_values.results["lr"],
              rate, _fmt_seconds(now - self._start), _fmt_seconds(eta))
+    if self._summary_dir and rate == rate:
+      writer = tf.compat.v1.summary.FileWriterCache.get(self._summary_dir)
+      writer.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(
+          tag="examples_per_sec", simple_value=rate)]), step)
     self._last_time, self._last_step = now, step
 
 

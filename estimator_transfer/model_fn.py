@@ -62,6 +62,8 @@ def build_model_fn(config: ExperimentConfig,
       backbone = _cached_backbone(features[CACHED_FEATURES_KEY])
     else:
       images = features[IMAGE_KEY] if isinstance(features, dict) else features
+      if training:
+        _input_summaries(config, images, labels)
       backbone = resolved.instantiate(images, plan, training)
     head = heads.build_head(config.head, training_setup.class_weights() if training
                             else None, seed=config.run.seed)
@@ -82,7 +84,7 @@ def build_model_fn(config: ExperimentConfig,
                                   training_setup.lr_boundaries())
     scaffold = tf.compat.v1.train.Scaffold(init_fn=init_fn) if init_fn else None
     progress = hooks.ProgressHook(loss, config.run.max_steps, config.input.batch_size,
-                                  config.run.log_every_steps)
+                                  config.run.log_every_steps, config.run.model_dir)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
                                       scaffold=scaffold, training_hooks=[progress])
 
@@ -171,6 +173,23 @@ def count_training_data(config: ExperimentConfig):
   log.info("counted %d training examples in %s (per class: %s); --train_size "
            "skips the count.", total, data, counts)
   return total, counts
+
+
+def _input_summaries(config, images, labels, count: int = 3):
+  """A few training images with their labels, for TensorBoard's image tab."""
+  tf.compat.v1.summary.image("input_images", images, max_outputs=count)
+  if labels is None or isinstance(labels, tf.sparse.SparseTensor):
+    return
+  first = labels[:count]
+  if config.head.class_names and first.shape.rank == 1 and first.dtype.is_integer:
+    names = tf.constant(list(config.head.class_names))
+    text = tf.gather(names, tf.clip_by_value(tf.cast(first, tf.int32), 0,
+                                             len(config.head.class_names) - 1))
+  else:
+    text = tf.strings.as_string(tf.cast(first, tf.float32)) if first.shape.rank == 1 else \
+        tf.strings.reduce_join(tf.strings.as_string(tf.cast(first, tf.float32)), axis=-1,
+                               separator=",")
+  tf.compat.v1.summary.text("input_labels", text)
 
 
 def _cached_backbone(features) -> backbones.BackboneOutput:

@@ -138,17 +138,18 @@ def _resaved_with_other_weights(tiny_backbone, path):
 def test_key_fingerprints_backbone_content_and_preprocessing(
     cache_config, tiny_backbone, tmp_path, change, same_key):
   base = cache_config()
-  copy = str(tmp_path / "renamed.h5")
-  shutil.copy(tiny_backbone["h5"], copy)
-  overrides = {
-      "copied_file": dict(backbone__handle=copy),
-      "other_head_and_schedule": dict(head__dropout_rate=0.5, schedule__values=(1.0,)),
-      "changed_weights": dict(backbone__handle=_resaved_with_other_weights(
-          tiny_backbone, str(tmp_path / "other.h5")) if change == "changed_weights"
-                              else copy),
-      "value_range": dict(backbone__value_range="minus_one_one"),
-      "output_layer": dict(backbone__output_layer="relu1"),
-  }[change]
+  if change == "copied_file":
+    overrides = dict(backbone__handle=str(tmp_path / "renamed.h5"))
+    shutil.copy(tiny_backbone["h5"], overrides["backbone__handle"])
+  elif change == "changed_weights":  # same architecture, one kernel moved
+    overrides = dict(backbone__handle=_resaved_with_other_weights(
+        tiny_backbone, str(tmp_path / "other.h5")))
+  else:
+    overrides = {
+        "other_head_and_schedule": dict(head__dropout_rate=0.5, schedule__values=(1.0,)),
+        "value_range": dict(backbone__value_range="minus_one_one"),
+        "output_layer": dict(backbone__output_layer="relu1"),
+    }[change]
   key, _ = feature_cache.fingerprint(base, backbones.resolve(base.backbone))
   other = base.replace(**overrides)
   other_key, details = feature_cache.fingerprint(other, backbones.resolve(other.backbone))

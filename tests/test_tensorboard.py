@@ -1,0 +1,38 @@
+"""TensorBoard: the event files load with TensorBoard's own reader."""
+import glob
+import os
+
+from tensorboard.backend.event_processing import event_accumulator
+
+from estimator_transfer import runner
+
+
+def _load(path):
+  acc = event_accumulator.EventAccumulator(
+      path, size_guidance={event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0,
+                           event_accumulator.SCALARS: 0})
+  acc.Reload()
+  return acc
+
+
+def test_training_and_eval_summaries(make_config):
+  cfg = make_config(run__max_steps=6, run__log_every_steps=3, run__save_checkpoints_steps=3)
+  experiment = runner.Experiment(cfg)
+  experiment.train()
+  experiment.evaluate()
+  model_dir = cfg.run.model_dir
+  assert glob.glob(os.path.join(model_dir, "events.out.tfevents.*"))
+  train = _load(model_dir)
+  tags = train.Tags()
+  for scalar in ("loss", "learning_rate", "examples_per_sec"):
+    assert scalar in tags["scalars"] or scalar in tags["tensors"], (scalar, tags)
+  lr = train.Scalars("learning_rate") if "learning_rate" in tags["scalars"] else None
+  if lr is not None:
+    assert abs(lr[-1].value - 0.05) < 1e-6
+  assert any("input_images" in t for t in tags["images"]), tags["images"]
+  image = train.Images([t for t in tags["images"] if "input_images" in t][0])[-1]
+  assert image.width == 16 and image.height == 16
+  assert any("input_labels" in t for t in tags["tensors"]), tags["tensors"]
+  evaluation = _load(os.path.join(model_dir, "eval"))
+  assert "accuracy" in evaluation.Tags()["scalars"]
+  assert evaluation.Scalars("accuracy")[-1].step == 6
