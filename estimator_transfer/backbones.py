@@ -41,6 +41,8 @@ Training mode (BatchNorm, dropout) per source, for frozen parts:
             stage trains the whole module (then its UPDATE_OPS run); with
             anything frozen the inference variant runs throughout.
 """
+import contextlib
+import copy
 import dataclasses
 import os
 import re
@@ -155,7 +157,8 @@ class ResolvedBackbone:
   fixed_size: bool = False
   hub_train_tag: bool = False  # TF1 module has a {"train"} graph variant
 
-  def instantiate(self, images, plan, training: bool) -> BackboneOutput:
+  def instantiate(self, images, plan, training: bool,
+                  policy: str = "float32") -> BackboneOutput:
     """Builds the backbone in the current graph and applies it to `images`.
 
     Args:
@@ -163,12 +166,16 @@ class ResolvedBackbone:
       plan: a freeze spec string, or a list of `freezing.Stage` with int
         starts (gradual unfreezing; the stage follows the global step).
       training: whether this graph trains (mode == TRAIN).
+      policy: the Keras dtype policy of a Keras backbone (float32,
+        mixed_float16, mixed_bfloat16); variables stay float32 and the
+        features are float32 whatever the policy.
 
     Returns:
       A BackboneOutput.
 
     Raises:
-      ConfigError: the plan does not fit this backbone.
+      ConfigError: the plan does not fit this backbone, or a mixed policy
+        for a Hub module.
     """
     stages = [freezing.Stage(0, freezing.parse_spec(plan))] if isinstance(plan, str) \
         else list(plan)
@@ -180,8 +187,15 @@ class ResolvedBackbone:
           tf.compat.v1.train.get_or_create_global_step(),
           [s.start for s in stages[1:]]), name="freeze_stage")
     x = to_value_range(images, self.value_range)
+    if policy != "float32" and self.kind != "keras":
+      raise ConfigError(f"--mixed_precision={policy} applies to Keras backbones, but "
+                        f"{self.description} runs in the dtypes it was saved with; "
+                        "drop --mixed_precision.")
     if self.kind == "keras":
-      out = self._instantiate_keras(x, stages, stage_index, training)
+      with _dtype_policy(policy):
+        out = self._instantiate_keras(x, stages, stage_index, training)
+      if out.features.dtype != tf.float32:
+        out.features = tf.cast(out.features, tf.float32)
     elif self.kind == "hub_tf2":
       out = self._instantiate_hub_tf2(x, stages, stage_index, training)
     else:
@@ -325,6 +339,44 @@ def _mode(trains_per_stage: Sequence[bool], stage_index, training: bool):
   return tf.gather(tf.constant(list(trains_per_stage)), stage_index)
 
 
+@contextlib.contextmanager
+def _dtype_policy(policy: str):
+  """Keras' global dtype policy set to `policy` while the backbone is built.
+
+  Layers take the policy when they are constructed; it is restored at once,
+  so the head (and anything else) stays float32. A model rebuilt from a
+  config carries a `dtype` per layer, which `_keras_config_with_policy`
+  rewrites.
+  """
+  previous = tf.keras.mixed_precision.global_policy()
+  if policy == previous.name:
+    yield
+    return
+  tf.keras.mixed_precision.set_global_policy(policy)
+  try:
+    yield
+  finally:
+    tf.keras.mixed_precision.set_global_policy(previous)
+
+
+def _keras_config_with_policy(model_config: dict, policy: str) -> dict:
+  """A functional/Sequential model config whose layers use `policy`.
+
+  Input layers keep their dtype (the images arrive as float32 and every
+  layer casts its inputs to its compute dtype).
+  """
+  config = copy.deepcopy(model_config)
+  for layer in config.get("layers", []):
+    if layer.get("class_name") == "InputLayer":
+      continue
+    inner = layer.get("config", {})
+    if "layers" in inner:  # a nested model
+      layer["config"] = _keras_config_with_policy(inner, policy)
+    elif "dtype" in inner:
+      inner["dtype"] = policy
+  return config
+
+
 def _pin_training_mode(layer, mode) -> None:
   """Makes a BatchNorm-like layer use `mode` whatever its caller passes.
 
@@ -417,7 +469,8 @@ def _assign_init_fn(variables, values, description):
         f"architecture has {len(variables)} variables; use the weights file "
         "saved from the same architecture.")
   placeholders, assigns = [], []
-  with tf.name_scope("pretrained_init"):
+  # Run once, never compiled (also inside model_fn's --xla scope).
+  with tf.name_scope("pretrained_init"), tf.xla.experimental.jit_scope(compile_ops=False):
     for var, value in zip(variables, values):
       if tuple(var.shape) != tuple(value.shape):
         raise ConfigError(
@@ -604,7 +657,11 @@ def _resolve_keras_model(path: str, config: BackboneConfig) -> ResolvedBackbone:
 
   def build():
     cls = tf.keras.Sequential if model_class is tf.keras.Sequential else tf.keras.Model
-    return cls.from_config(model_config)
+    policy = tf.keras.mixed_precision.global_policy().name
+    # The saved config pins every layer's dtype (float32): a mixed policy
+    # (`_dtype_policy`) must be written into it.
+    return cls.from_config(model_config if policy == "float32" else
+                           _keras_config_with_policy(model_config, policy))
 
   native = full.input_shape[1] if isinstance(full.input_shape, tuple) else None
   description = f"Keras model {path}"

@@ -162,6 +162,7 @@ class InputConfig:
   csv_label_column: str = "label"
   cache_features: str = ""
   cache_features_with_augmentation: int = 0
+  prefetch: int = -1  # batches prefetched after the pipeline; -1: tf.data.AUTOTUNE, 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,17 @@ class RunConfig:
   seed: Optional[int] = None
   intra_op_threads: int = 0
   inter_op_threads: int = 0
+  # Performance knobs (numbers: scripts/benchmark.py). xla: compile the
+  # training step with XLA (jit_scope; also on CPU). mixed_precision: the
+  # Keras dtype policy of the backbone (float32, mixed_float16 with dynamic
+  # loss scaling, mixed_bfloat16); variables stay float32, so checkpoints are
+  # the same either way.
+  xla: bool = False
+  mixed_precision: str = "float32"
 
+
+# --mixed_precision values: Keras dtype policies.
+MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 # --serving_inputs values -> the signatures they add (see export.py).
 SERVING_INPUTS = ("image_bytes", "tf_example", "image_tensor")
@@ -419,6 +430,11 @@ def _validate(cfg: ExperimentConfig) -> None:
   _require(r.keep_checkpoint_max > 0, "--keep_checkpoint_max must be positive.")
   _require(r.log_every_steps > 0, "--log_every_steps must be positive.")
   _require(r.eval_steps >= 0, "--eval_steps must not be negative (0: whole eval set).")
+  _require(r.mixed_precision in MIXED_PRECISION_POLICIES,
+           f"--mixed_precision={r.mixed_precision} is not supported; choose one of "
+           f"{', '.join(MIXED_PRECISION_POLICIES)}.")
+  _require(i.prefetch >= -1, f"--prefetch={i.prefetch} is invalid; give a number of "
+           "batches, 0 for none or -1 for tf.data.AUTOTUNE.")
   _require(cfg.export.exports_to_keep > 0, "--exports_to_keep must be positive.")
   _validate_export(cfg.export, h)
   _require(cfg.cluster.distribution in DISTRIBUTIONS,

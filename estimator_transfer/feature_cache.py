@@ -144,6 +144,10 @@ def _weights_files(path: str) -> List[str]:
   return sorted([path + ".index"] + tf.io.gfile.glob(path + ".data-*"))
 
 
+def _policy(config: ExperimentConfig) -> str:
+  return getattr(config.run, "mixed_precision", "float32") or "float32"
+
+
 def _preprocessing_version() -> str:
   """A hash of the code between image bytes and the backbone's input.
 
@@ -175,6 +179,8 @@ def fingerprint(config: ExperimentConfig,
     details["architecture"] = b.handle.strip()
   else:
     details["model"] = _content_hash([description[len("Keras model "):]])
+  if _policy(config) != "float32":
+    details["policy"] = _policy(config)
   weights = b.weights.strip()
   if weights.lower() == "none" or (not weights and "architecture" in details):
     details["weights"] = "random (pinned by the snapshot)"
@@ -452,7 +458,11 @@ class _Extractor:
           tf.compat.v1.data.get_output_shapes(first))
       self._init = {key: iterator.make_initializer(ds) for key, ds in datasets.items()}
       self._index, images, self._label_out = iterator.get_next()
-      out = resolved.instantiate(images, "all", training=False)
+      # The dtype policy (--mixed_precision) the model_fn builds the backbone
+      # with: cached features are what training and serving would compute.
+      policy = _policy(config)
+      out = resolved.instantiate(images, "all", training=False,
+                                 **({"policy": policy} if policy != "float32" else {}))
       self.features = out.features
       self.feature_dim = int(out.features.shape[-1])
       self._init_fn = out.init_fn

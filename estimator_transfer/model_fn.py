@@ -1,4 +1,5 @@
 """The model_fn factory: backbone + head + freeze + schedule -> EstimatorSpec."""
+import contextlib
 import json
 import logging
 import os
@@ -50,7 +51,12 @@ def build_model_fn(config: ExperimentConfig,
   training_setup = _TrainingSetup(config)
 
   def model_fn(features, labels, mode, params=None):
-    del params  # everything comes from `config`
+    # --xla compiles the training step only: exported graphs must not ask
+    # TF Serving for XLA, and evaluation runs too few steps to repay it.
+    with _xla_scope(config.run.xla and mode == ModeKeys.TRAIN):
+      return _model_spec(features, labels, mode)
+
+  def _model_spec(features, labels, mode):
     training = mode == ModeKeys.TRAIN
     plan = training_setup.freeze_plan() if training else \
         freezing.parse_schedule(config.freeze.unfreeze_schedule, config.freeze.spec)
@@ -64,7 +70,8 @@ def build_model_fn(config: ExperimentConfig,
       images = features[IMAGE_KEY] if isinstance(features, dict) else features
       if training:
         _input_summaries(config, images, labels)
-      backbone = resolved.instantiate(images, plan, training)
+      backbone = resolved.instantiate(images, plan, training,
+                                      policy=config.run.mixed_precision)
     head = heads.build_head(config.head, training_setup.class_weights() if training
                             else None, seed=config.run.seed)
     logits = head(backbone.features, training)
@@ -247,18 +254,32 @@ def _train_op(config, loss, backbone, head, boundaries):
   train_op = optimizers.build_train_op(
       config.optimizer, loss, learning_rate, global_step, stage_lists,
       stage_index=backbone.stage_index, factor_fn=lambda v: factors[id(v)],
-      update_ops=update_ops)
+      update_ops=update_ops,
+      loss_scale=config.run.mixed_precision == "mixed_float16")
   init_ops = []
   ema = optimizers.build_ema(config.optimizer)
   if ema is not None:
     with tf.control_dependencies([train_op]):
-      train_op = ema.apply(var_list)
+      train_op = optimizers.apply_ema(ema, var_list)
     # The averages start at the weights training starts from (pretrained
     # values are assigned after the variable initializers ran).
     init_ops.append(tf.group(*[ema.average(v).assign(v.read_value()) for v in var_list],
                              name="ema_start"))
   init_fn = _chain_init(backbone.init_fn, init_ops)
   return train_op, init_fn
+
+
+def _xla_scope(enabled: bool):
+  """Marks the ops built inside for XLA compilation (auto-clustered; works on CPU).
+
+  A jit_scope, not the session's global_jit_level: that one ignores CPUs
+  unless TF_XLA_FLAGS is set before TensorFlow starts, and would compile
+  everything the session runs. Ops XLA cannot compile (strings, asserts,
+  summaries) stay outside the clusters.
+  """
+  if not enabled:
+    return contextlib.nullcontext()
+  return tf.xla.experimental.jit_scope(compile_ops=True, separate_compiled_gradients=False)
 
 
 def _chain_init(first, ops):

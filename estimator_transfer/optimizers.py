@@ -87,7 +87,7 @@ def weight_decay_loss(config: OptimizerConfig, variables: Sequence) -> Optional[
 def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
                    stage_var_lists: Sequence[list], stage_index=None,
                    factor_fn: Callable[[object], float] = lambda v: 1.0,
-                   update_ops: Sequence = ()):
+                   update_ops: Sequence = (), loss_scale: bool = False):
   """Builds the op that takes one training step and increments global_step.
 
   Args:
@@ -99,6 +99,9 @@ def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
     stage_index: int32 scalar tensor picking the stage; None for one stage.
     factor_fn: variable -> learning-rate multiplier.
     update_ops: ops to run before the step (BatchNorm moving statistics).
+    loss_scale: dynamic loss scaling (float16 mixed precision, see
+      `DynamicLossScale`): gradients of loss * scale, unscaled; a step whose
+      gradients are not finite is skipped (the global step still advances).
 
   Returns:
     The train op.
@@ -114,7 +117,11 @@ def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
           f"nothing is trainable{' in unfreeze stage ' + str(i) if len(stage_var_lists) > 1 else ''}: "
           "every variable is frozen or has learning-rate multiplier 0; loosen "
           "--freeze / --unfreeze_schedule or --lr_multipliers.")
-  grads = tf.gradients(loss, union)
+  scaler = DynamicLossScale() if loss_scale else None
+  if scaler is None:
+    grads = tf.gradients(loss, union)
+  else:
+    grads = scaler.unscale(tf.gradients(scaler.scale(loss), union))
   grad_of = {id(v): g for v, g in zip(union, grads)}
 
   # One optimizer per distinct factor, shared by all stages (so every
@@ -148,19 +155,77 @@ def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
           applies.append(optimizer.apply_gradients(group))
     return tf.group(*applies, *decays)
 
-  with tf.control_dependencies(list(update_ops)):
+  def apply_step():
     if stage_index is None or len(stage_var_lists) == 1:
-      step = stage_step(stage_var_lists[0])
-    else:
-      branches = []
-      for i, variables in enumerate(stage_var_lists):
-        def branch(variables=variables, i=i):
-          with tf.control_dependencies([stage_step(variables)]):
-            return tf.constant(i)
-        branches.append(branch)
-      step = tf.switch_case(stage_index, branches, name="unfreeze_stage_step")
+      return stage_step(stage_var_lists[0])
+    branches = []
+    for i, variables in enumerate(stage_var_lists):
+      def branch(variables=variables, i=i):
+        with tf.control_dependencies([stage_step(variables)]):
+          return tf.constant(i)
+      branches.append(branch)
+    return tf.switch_case(stage_index, branches, name="unfreeze_stage_step")
+
+  with tf.control_dependencies(list(update_ops)):
+    step = apply_step() if scaler is None else scaler.apply_if_finite(grads, apply_step)
   with tf.control_dependencies([step]):
     return tf.compat.v1.assign_add(global_step, 1, name="train_op").op
+
+
+class DynamicLossScale:
+  """Dynamic loss scaling for float16 training (as Keras' LossScaleOptimizer).
+
+  The loss is multiplied by `scale` before the gradients are taken, so small
+  float16 gradients do not flush to zero, and the gradients are divided by it
+  again. A step with a non-finite gradient is skipped and halves the scale;
+  `growth_steps` finite steps in a row double it. The two counters are LOCAL
+  variables: they are not in checkpoints (a float32 run can resume in mixed
+  precision and back), and a resumed run re-finds its scale within a few steps.
+  """
+
+  def __init__(self, initial_scale: float = 2.0 ** 15, growth_steps: int = 2000):
+    local = [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]
+    self._growth_steps = growth_steps
+    self.loss_scale = tf.compat.v1.Variable(initial_scale, trainable=False,
+                                            collections=local, name="loss_scale")
+    self.good_steps = tf.compat.v1.Variable(0, trainable=False, collections=local,
+                                            name="loss_scale_good_steps")
+
+  def scale(self, loss):
+    return loss * tf.cast(self.loss_scale, loss.dtype)
+
+  def unscale(self, grads):
+    inverse = 1.0 / self.loss_scale
+    out = []
+    for g in grads:
+      if isinstance(g, tf.IndexedSlices):
+        g = tf.IndexedSlices(g.values * tf.cast(inverse, g.values.dtype), g.indices,
+                             g.dense_shape)
+      elif g is not None:
+        g = g * tf.cast(inverse, g.dtype)
+      out.append(g)
+    return out
+
+  def apply_if_finite(self, grads, apply_fn):
+    """Runs `apply_fn()` only when every gradient is finite; updates the scale."""
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g
+              for g in grads if g is not None]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values]) \
+        if values else tf.constant(True)
+
+    def applied():
+      with tf.control_dependencies([apply_fn()]):
+        good = self.good_steps + 1
+        grow = good >= self._growth_steps
+        return tf.group(
+            self.loss_scale.assign(tf.where(grow, self.loss_scale * 2.0, self.loss_scale)),
+            self.good_steps.assign(tf.where(grow, 0, good)))
+
+    def skipped():
+      return tf.group(self.loss_scale.assign(tf.maximum(self.loss_scale / 2.0, 1.0)),
+                      self.good_steps.assign(0))
+
+    return tf.cond(finite, applied, skipped, name="apply_if_finite")
 
 
 def build_ema(config: OptimizerConfig) -> Optional[tf.compat.v1.train.ExponentialMovingAverage]:
@@ -168,6 +233,27 @@ def build_ema(config: OptimizerConfig) -> Optional[tf.compat.v1.train.Exponentia
   if not config.ema_decay:
     return None
   return tf.compat.v1.train.ExponentialMovingAverage(config.ema_decay)
+
+
+def apply_ema(ema, var_list):
+  """`ema.apply(var_list)` that also works for restored Hub module variables.
+
+  `ExponentialMovingAverage.apply` seeds each average with
+  `cond(initialized, read_value, initial_value)`, which fails for variables
+  restored from a SavedModel in graph mode (no usable `initial_value`). The
+  averages are created here as zero slots under the same names instead; the
+  model_fn's init_fn then copies the starting weights into them.
+  """
+  from tensorflow.python.training import slot_creator  # pylint: disable=g-import-not-at-top
+  averages = ema._averages  # pylint: disable=protected-access
+  with tf.init_scope():
+    for var in var_list:
+      if var.ref() not in averages:
+        with tf.device(var.device):
+          averages[var.ref()] = slot_creator.create_zeros_slot(
+              var, ema.name, colocate_with_primary=True)
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.MOVING_AVERAGE_VARIABLES, var)
+  return ema.apply(var_list)
 
 
 def ema_restore_saver(ema, variables: Sequence) -> tf.compat.v1.train.Saver:

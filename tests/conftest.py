@@ -137,3 +137,25 @@ def checkpoint_values(model_dir: str) -> dict:
   path = tf.train.latest_checkpoint(model_dir)
   reader = tf.train.load_checkpoint(path)
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+  """The real digits demo data and demo backbone, built by the demo scripts.
+
+  Small settings (16 px images, 1 pretraining epoch) keep it quick; the
+  scripts and file layout are exactly those `make demo` uses.
+  """
+  root = tmp_path_factory.mktemp("demo")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  data = subprocess.run([sys.executable, "scripts/make_demo_data.py",
+                         f"--output_dir={root / 'demo_data'}", "--image_size=16"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert data.returncode == 0, data.stderr[-2000:]
+  backbone = subprocess.run([sys.executable, "scripts/make_demo_backbone.py",
+                             f"--data_dir={root / 'demo_data'}",
+                             f"--output_dir={root / 'demo_backbone'}", "--epochs=1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert backbone.returncode == 0, backbone.stderr[-2000:]
+  return {"root": root, "data": str(root / "demo_data"),
+          "backbone": str(root / "demo_backbone"), "stdout": data.stdout + backbone.stdout}

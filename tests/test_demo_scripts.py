@@ -1,8 +1,5 @@
 """The offline demo data and demo backbone scripts behind `make demo`."""
 import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,24 +9,10 @@ from estimator_transfer.config import BackboneConfig
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import labels as labels_lib
 
-from conftest import ROOT
-
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-  root = tmp_path_factory.mktemp("demo")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  data = subprocess.run([sys.executable, "scripts/make_demo_data.py",
-                         f"--output_dir={root / 'data'}", "--image_size=16"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert data.returncode == 0, data.stderr[-2000:]
-  backbone = subprocess.run([sys.executable, "scripts/make_demo_backbone.py",
-                             f"--data_dir={root / 'data'}", f"--output_dir={root / 'bb'}",
-                             "--epochs=1"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-  assert backbone.returncode == 0, backbone.stderr[-2000:]
-  return {"data": str(root / "data"), "backbone": str(root / "bb"),
-          "stdout": data.stdout + backbone.stdout}
+def demo(demo_assets):
+  return demo_assets
 
 
 def test_digits_are_split_into_old_and_new_classes(demo):

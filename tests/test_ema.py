@@ -97,3 +97,20 @@ def test_export_holds_the_averages(ema_run):
     exported = stored.get(name + EMA, stored.get(name))
     np.testing.assert_array_equal(exported, values[name + EMA], err_msg=name)
     assert not np.array_equal(exported, values[name]), name
+
+
+def test_ema_on_a_trainable_hub_module(make_config, tiny_backbone):
+  """Restored SavedModel variables have no usable initial_value: the averages
+  must still be created, start at the pretrained weights and follow training."""
+  cfg = make_config(backbone__handle=tiny_backbone["saved_model"], freeze__spec="none",
+                    optimizer__ema_decay=0.5, run__max_steps=2,
+                    run__save_checkpoints_steps=1, run__keep_checkpoint_max=5)
+  experiment = runner.Experiment(cfg)
+  experiment.train()
+  step1 = checkpoint_at(cfg.run.model_dir, 1)
+  pretrained = tiny_backbone["values"]["conv1/kernel"]
+  raw1 = step1["conv1/kernel"]
+  # After one step: avg = 0.5 * pretrained + 0.5 * raw1.
+  np.testing.assert_allclose(step1["conv1/kernel" + EMA],
+                             0.5 * pretrained + 0.5 * raw1, rtol=1e-5, atol=1e-7)
+  assert not np.array_equal(raw1, pretrained)

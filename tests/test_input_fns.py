@@ -103,6 +103,14 @@ def test_wrong_keys_are_a_clear_config_error(tmp_path, overrides, match):
     input_fns.build_input_fn(_config(**overrides), path, SIZE, training=True)
 
 
+def test_several_labels_per_record_are_a_clear_config_error(tmp_path):
+  example = tf.train.Example.FromString(_good_records(1)[0])
+  example.features.feature["image/class/label"].int64_list.value.append(2)
+  path = _write(str(tmp_path / "multi.tfrecord"), [example.SerializeToString()])
+  with pytest.raises(ConfigError, match=r"1 image\(s\) and 2 label\(s\)"):
+    input_fns.build_input_fn(_config(), path, SIZE, training=True)
+
+
 def _messy_records_dir(root):
   """Two shards: 3 corrupt records in one, a truncated tail in the other."""
   good = _good_records(20)

@@ -131,6 +131,10 @@ _FLAG_TO_CONFIG: Dict[str, Tuple[str, str, Callable]] = {
     "cache_features": ("input", "cache_features", _plain),
     "cache_features_with_augmentation": ("input", "cache_features_with_augmentation",
                                          _plain),
+    # Performance knobs (measured by scripts/benchmark.py).
+    "xla": ("run", "xla", _plain),
+    "mixed_precision": ("run", "mixed_precision", _plain),
+    "prefetch": ("input", "prefetch", _plain),
 }
 
 
@@ -373,6 +377,19 @@ def define_flags() -> None:
                        "training image (the augmentation flags apply; K times the "
                        "extraction time and disk, and only K variants per image); 0: "
                        "un-augmented features, and augmentation flags are an error.")
+  # Performance knobs (scripts/benchmark.py measures each; see README).
+  flags.DEFINE_bool("xla", d.run.xla, "Compile the training step with XLA (also on "
+                    "CPU); the first steps pay the compilation.")
+  flags.DEFINE_enum("mixed_precision", d.run.mixed_precision,
+                    list(config_lib.MIXED_PRECISION_POLICIES), "Keras dtype policy of "
+                    "the backbone: float32, mixed_float16 (GPUs; dynamic loss "
+                    "scaling) or mixed_bfloat16 (TPUs, recent GPUs and CPUs with "
+                    "AVX512_BF16/AMX). Variables and checkpoints stay float32; Keras "
+                    "backbones only.")
+  flags.DEFINE_integer("prefetch", d.input.prefetch, "Batches the input pipeline "
+                       "prepares ahead of the training step; -1: tf.data.AUTOTUNE, "
+                       "0: none.")
+  flags.DEFINE_alias("cache_dataset", "cache")
 
 
 def flags_to_config(flag_values=FLAGS) -> ExperimentConfig:

@@ -183,6 +183,13 @@ def _inspect_tfrecords(files: Sequence[str], sizes: Sequence[int],
     raise ConfigError(f"records of {where} have no int64 or text label "
                       f"'{config.label_key}' (their features: {available}); set "
                       f"--label_key{hint}.")
+  feature = examples[0].features.feature
+  counts = {key: len(getattr(feature[key], feature[key].WhichOneof("kind")).value)
+            for key in (config.image_key, config.label_key)}
+  if any(n != 1 for n in counts.values()):
+    raise ConfigError(f"records of {where} hold {counts[config.image_key]} image(s) and "
+                      f"{counts[config.label_key]} label(s) under --image_key / "
+                      "--label_key; these input_fns read exactly one of each.")
   images = [e.features.feature[config.image_key].bytes_list.value[:1]
             for e in examples]
   if not any(v and _looks_like_image(v[0]) for v in images):
@@ -649,7 +656,7 @@ class _Pipeline:
     # advice; measured by scripts/benchmark.py --only=input).
     options.threading.max_intra_op_parallelism = 1
     ds = ds.with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return prefetch(ds, self.config.prefetch)
 
   def _augment(self, ds):
     fn = augment_lib.build_augment_fn(self.config, self.image_size)
@@ -682,6 +689,13 @@ class _Pipeline:
     if directory:
       tf.io.gfile.makedirs(directory)
     return f"{self.config.cache}-{'train' if self.training else 'eval'}-{digest}"
+
+
+def prefetch(ds: tf.data.Dataset, batches: int) -> tf.data.Dataset:
+  """`--prefetch`: batches prepared ahead of the step (-1: AUTOTUNE, 0: none)."""
+  if batches == 0:
+    return ds
+  return ds.prefetch(tf.data.AUTOTUNE if batches < 0 else batches)
 
 
 def build_input_fn(config: InputConfig, data: str, image_size: int,
@@ -811,7 +825,7 @@ def build_array_input_fn(config: InputConfig, features, labels, training: bool,
       base = (seed if seed is not None else random.SystemRandom().randrange(2**31)) + 1
       ds = ds.enumerate().map(lambda i, b: _mix(b[0], b[1], num_classes,
                                                 input_config.mixup_alpha, base, i))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return prefetch(ds, input_config.prefetch)
 
   def _mix(f, l, n, alpha, base, i):
     images, soft = augment_lib.mixup(f[IMAGE_FEATURE], l, n, alpha,
