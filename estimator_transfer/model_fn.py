@@ -376,17 +376,26 @@ def _record_variables(config, backbone, var_list, stage_lists, names, factors):
     with tf.io.gfile.GFile(path) as f:
       if f.read() == text:
         return  # logged and saved when this run (or its first segment) started
+  backbone_vars = [v for g in backbone.groups for v in g.variables]
   for st, variables in zip(backbone.stages, stage_lists):
+    training_ids = {id(v) for v in variables}
     log.info("freeze=%s from step %d: %d of %d backbone layers frozen (%s); "
-             "%d variables train (see %s).", st.spec, st.start, sum(st.frozen),
-             len(backbone.groups), _abbreviate([g.name for g, f in zip(backbone.groups,
-                                                                      st.frozen) if f]),
-             len(variables), path or VARIABLES_FILENAME)
+             "parameters: %s trained, %s not trained (frozen or BatchNorm statistics; see %s).",
+             st.spec, st.start,
+             sum(st.frozen), len(backbone.groups),
+             _abbreviate([g.name for g, f in zip(backbone.groups, st.frozen) if f]),
+             f"{_count_parameters(variables):,}",
+             f"{_count_parameters([v for v in backbone_vars if id(v) not in training_ids]):,}",
+             path or VARIABLES_FILENAME)
   if path:
     tf.io.gfile.makedirs(model_dir)
     with tf.io.gfile.GFile(path + ".tmp", "w") as f:
       f.write(text)
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def _count_parameters(variables) -> int:
+  return int(sum(v.shape.num_elements() or 0 for v in variables))
 
 
 def _abbreviate(names, limit=6) -> str:

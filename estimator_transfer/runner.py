@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -371,6 +371,31 @@ class Experiment:
                "evaluation(s)", metric, metrics[metric], step, state.best_value,
                state.best_step, state.evals_without_improvement)
 
+  def describe(self) -> List[str]:
+    """The start banner: backbone, head, data, schedule, loop and model_dir."""
+    cfg = self.config
+    b, h, s = cfg.backbone, cfg.head, cfg.schedule
+    names = list(h.class_names)
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    head = (f"regression, {h.num_outputs} output(s)" if h.kind == "regression" else
+            f"{h.num_classes} classes ({shown})" + (", multi-label" if h.multi_label else ""))
+    parts = [f"{v:g}" + (f" until step {bound}" if i < len(s.boundaries) else "")
+             for i, (v, bound) in enumerate(zip(s.values, list(s.boundaries) + [None]))]
+    warmup = f", warmup {s.warmup_steps} steps" if s.warmup_steps else ""
+    data = [f"{kind} {path} ({_describe_data(path)})"
+            for kind, path in (("train", cfg.input.train_data), ("eval", cfg.input.eval_data),
+                               ("replay", cfg.continual.replay_data)) if path]
+    freeze = cfg.freeze.unfreeze_schedule or cfg.freeze.spec
+    return [
+        f"backbone  {b.handle} ({self.backbone.kind}, {self.image_size}px, "
+        f"inputs {self.backbone.value_range})",
+        f"head      {head}",
+        f"data      {'; '.join(data) or 'none'}",
+        f"training  freeze {freeze}; {cfg.optimizer.name} lr {', '.join(parts)}{warmup}; "
+        f"batch {cfg.input.batch_size}; max_steps {cfg.run.max_steps}",
+        f"model_dir {cfg.run.model_dir}",
+    ]
+
   def evaluate(self, data: Optional[str] = None,
                checkpoint_path: Optional[str] = None,
                output_dir: Optional[str] = None) -> Dict[str, float]:
@@ -515,6 +540,20 @@ def _check_graph_fits(checkpoint: str, model_dir: str) -> None:
         f"the checkpoint {checkpoint} does not fit the model this config builds "
         f"({problems[0]}{more}); resume with the settings it was trained with, or "
         f"start a new --model_dir with --warm_start_from={model_dir}.")
+
+
+def _describe_data(path: str) -> str:
+  """'N images in K classes' for folders, 'N files' for TFRecords; no reading."""
+  from estimator_transfer.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
+  try:
+    if labels_lib.is_image_folder(path):
+      files, _, names = input_fns.list_image_folder(path)
+      return f"{len(files)} images in {len(names)} classes"
+    return f"{len(input_fns.list_tfrecord_files(path))} TFRecord files"
+  except ConfigError:
+    return "not found"
+  except Exception:  # pylint: disable=broad-except
+    return "other format"
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -355,9 +355,27 @@ def section_features(args):
   return rows
 
 
+# --- sections against peers (scripts/bench_peers.py) ---------------------------
+
+
+def _peer_section(name):
+  """A section of scripts/bench_peers.py: ours vs Keras fit, inference, serving."""
+
+  def section(args):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_peers  # pylint: disable=g-import-not-at-top
+    return bench_peers.SECTIONS[name](args, sys.modules[__name__])
+
+  section.__doc__ = f"bench_peers.section_{name}"
+  return section
+
+
 SECTIONS = {
     "input": section_input,
     "features": section_features,
+    # Last: summary collects the targets from every section's results.
+    **{name: _peer_section(name) for name in ("train", "startup", "serving", "knobs",
+                                              "summary")},
 }
 
 

@@ -24,11 +24,8 @@ def main(argv):
   cfg = et_flags.flags_to_config(flags.FLAGS)
   experiment = runner.Experiment(cfg)
   cfg = experiment.config
-  log.info("backbone %s (%s, %dpx), %d classes, freeze=%s, lr %s at steps %s, "
-           "max_steps %d, model_dir %s", cfg.backbone.handle, experiment.backbone.kind,
-           cfg.backbone.image_size, cfg.head.num_classes, cfg.freeze.spec,
-           list(cfg.schedule.values), list(cfg.schedule.boundaries),
-           cfg.run.max_steps, cfg.run.model_dir)
+  for line in experiment.describe():
+    log.info("%s", line)
   # Built before training: a bad export setting fails now, not after hours.
   after_evaluation = _best_exporter(experiment) if cfg.export.export_dir else None
   from estimator_transfer import hooks  # pylint: disable=g-import-not-at-top
