@@ -47,6 +47,7 @@ import dataclasses
 import os
 import re
 import tempfile
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -146,7 +147,7 @@ class BackboneOutput:
 @dataclasses.dataclass
 class ResolvedBackbone:
   """A backbone source, resolved and ready to be built in any graph."""
-  kind: str  # keras | hub_tf2 | hub_tf1
+  kind: str  # keras | hub_tf2 | hub_tf1 | identity
   description: str
   image_size: int
   value_range: str
@@ -186,6 +187,12 @@ class ResolvedBackbone:
       stage_index = tf.identity(schedules.stage_index_op(
           tf.compat.v1.train.get_or_create_global_step(),
           [s.start for s in stages[1:]]), name="freeze_stage")
+    if self.kind == "identity":
+      # No backbone: the head reads the input features (numeric CSV/array data).
+      features = tf.cast(tf.reshape(images, [-1, int(np.prod(images.shape[1:]))]),
+                         tf.float32)
+      return BackboneOutput(features, groups=[], stages=[StageVariables(0, "all", [], [])],
+                            trainable_variables=[], update_ops=[], losses=[])
     x = to_value_range(images, self.value_range)
     if policy != "float32" and self.kind != "keras":
       raise ConfigError(f"--mixed_precision={policy} applies to Keras backbones, but "
@@ -204,7 +211,15 @@ class ResolvedBackbone:
     return out
 
   def _instantiate_keras(self, x, stages, stage_index, training):
-    model = self.build_keras()
+    # Constructing a Keras model in a graph applies it to its own Input (a
+    # copy that never runs); in the default learning phase every BatchNorm of
+    # that copy becomes a tf.cond with both modes, half of the model_fn's
+    # time. Inference mode keeps the copy small; the call below sets the
+    # modes of the copy that runs.
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=".*learning_phase_scope.*deprecated")
+      with tf.keras.backend.learning_phase_scope(0):
+        model = self.build_keras()
     # The freeze plan alone decides what trains: undo any `trainable=False`
     # saved with the model (it would empty the lists read below).
     model.trainable = True
@@ -502,6 +517,10 @@ def resolve(config: BackboneConfig) -> ResolvedBackbone:
   handle = config.handle.strip()
   if not handle:
     raise ConfigError("--backbone is required.")
+  if handle == "identity":
+    # For numeric features (CSV, arrays): the head is the whole model.
+    return ResolvedBackbone("identity", "no backbone (identity)", config.image_size or 0,
+                            "zero_one")
   if handle.startswith("hub:"):
     return _resolve_hub(handle[4:], config)
   if handle.startswith("keras:"):
@@ -663,9 +682,14 @@ def _resolve_keras_model(path: str, config: BackboneConfig) -> ResolvedBackbone:
     return cls.from_config(model_config if policy == "float32" else
                            _keras_config_with_policy(model_config, policy))
 
-  native = full.input_shape[1] if isinstance(full.input_shape, tuple) else None
+  # Only an image input (rank 4) declares a size; vector inputs take numeric features.
+  image_input = isinstance(full.input_shape, tuple) and len(full.input_shape) == 4
+  native = full.input_shape[1] if image_input else None
   description = f"Keras model {path}"
-  size = _resolve_size(config, native, fixed=native is not None, description=description)
+  if image_input or config.image_size:
+    size = _resolve_size(config, native, fixed=native is not None, description=description)
+  else:
+    size = 0  # numeric features: no image size
   if config.weights and config.weights.lower() == "none":
     weights = None
   elif config.weights:

@@ -251,8 +251,13 @@ def export_options(config: ExperimentConfig, image_size: int,
   """ExportOptions for an experiment config (the warmup images are read here).
 
   Raises:
-    ConfigError: warmup is asked for but cannot be built.
+    ConfigError: warmup is asked for but cannot be built, or the model reads
+      numeric features (the serving signatures take images).
   """
+  if config.backbone.handle.strip() == "identity":
+    raise ConfigError("exports take images, but --backbone=identity models read numeric "
+                      "features; serve such a model from its checkpoint (et-predict "
+                      "--model_dir) or train it without --export_dir.")
   e = config.export
   warmup = ()
   if with_warmup and e.serving_warmup:

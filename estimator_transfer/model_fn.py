@@ -18,6 +18,7 @@ from estimator_transfer.data import bad_records
 
 ModeKeys = tf.estimator.ModeKeys
 IMAGE_KEY = "image"
+NUMERIC_KEY = "features"  # CSV / array inputs (data.input_fns.NUMERIC_FEATURE)
 CACHED_FEATURES_KEY = "backbone_features"  # feature-cache mode (feature_cache.py)
 VARIABLES_FILENAME = "trainable_variables.json"
 log = logging.getLogger("estimator_transfer")
@@ -67,8 +68,8 @@ def build_model_fn(config: ExperimentConfig,
     if isinstance(features, dict) and CACHED_FEATURES_KEY in features:
       backbone = _cached_backbone(features[CACHED_FEATURES_KEY])
     else:
-      images = features[IMAGE_KEY] if isinstance(features, dict) else features
-      if training:
+      images = _model_input(features)
+      if training and images.shape.rank == 4:
         _input_summaries(config, images, labels)
       backbone = resolved.instantiate(images, plan, training,
                                       policy=config.run.mixed_precision)
@@ -180,6 +181,18 @@ def count_training_data(config: ExperimentConfig):
   log.info("counted %d training examples in %s (per class: %s); --train_size "
            "skips the count.", total, data, counts)
   return total, counts
+
+
+def _model_input(features):
+  """The backbone's input: images, or numeric features (CSV / arrays)."""
+  if not isinstance(features, dict):
+    return features
+  if IMAGE_KEY in features:
+    return features[IMAGE_KEY]
+  if NUMERIC_KEY in features:
+    return features[NUMERIC_KEY]
+  raise ConfigError(f"the input has neither '{IMAGE_KEY}' nor '{NUMERIC_KEY}' features "
+                    f"(got {sorted(features)}); check the input_fn.")
 
 
 def _input_summaries(config, images, labels, count: int = 3):

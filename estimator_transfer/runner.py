@@ -61,6 +61,11 @@ def make_run_config(config: ExperimentConfig) -> tf.estimator.RunConfig:
       keep_checkpoint_max=r.keep_checkpoint_max,
       log_step_count_steps=r.log_every_steps,
       save_summary_steps=r.log_every_steps,
+      # No graph.pbtxt and no .meta file per checkpoint: text-serialising the
+      # training graph cost about a second of every start (and of every
+      # checkpoint); TensorBoard still gets the graph from the event file,
+      # and restores, warm starts and exports read only index + data files.
+      checkpoint_save_graph_def=False,
       session_config=session_config)
 
 

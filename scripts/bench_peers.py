@@ -594,18 +594,17 @@ def section_summary(args, bench):
     results = json.load(f)
   rows = []
 
-  def add(target, what, row_or_value, measured_at=""):
-    if row_or_value is None:
+  def add(target, what, row):
+    if row is None:
       return
-    value = row_or_value["ratio"] if isinstance(row_or_value, dict) and "ratio" in \
-        row_or_value else (row_or_value["value"] if isinstance(row_or_value, dict)
-                           else row_or_value)
+    value = row["ratio"] if "ratio" in row else row.get("value")
     goal = TARGETS[target]
     met = ""
     if isinstance(value, (int, float)) and goal[:2] in (">=", "<="):
       bound = float(goal[2:])
       met = "yes" if (value >= bound if goal[:2] == ">=" else value <= bound) else "no"
-    rows.append({"target": f"[{target}] {what}", "ratio": value, "goal": goal, "met": met})
+    rows.append({"target": f"[{target}] {what}", "ours": row.get("ours", ""),
+                 "peer": row.get("peer", ""), "ratio": value, "goal": goal, "met": met})
 
   for name, *_ in BACKBONES:
     add(1, f"{name} frozen: ours / Keras fit examples/s",

@@ -691,6 +691,20 @@ class _Pipeline:
     return f"{self.config.cache}-{'train' if self.training else 'eval'}-{digest}"
 
 
+def _autograph_off():
+  """Builds the pipeline's functions as written, without autograph's conversion.
+
+  Every function here is plain graph code (tf.cond, tf.where; Python `if`s
+  test Python values only), and converting them (and everything they call)
+  took ~1.3 s of each input_fn call: of every start, and of every evaluation
+  in the train/evaluate loop (scripts/benchmark.py --only=startup). A Python
+  `if` on a tensor now fails loudly at tracing time instead of being
+  converted. (Nested functions traced inside inherit the status.)
+  """
+  from tensorflow.python.autograph.core import ag_ctx  # pylint: disable=g-import-not-at-top
+  return ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED)
+
+
 def prefetch(ds: tf.data.Dataset, batches: int) -> tf.data.Dataset:
   """`--prefetch`: batches prepared ahead of the step (-1: AUTOTUNE, 0: none)."""
   if batches == 0:
@@ -740,7 +754,8 @@ def build_input_fn(config: InputConfig, data: str, image_size: int,
     shards = _shard_spec(config, input_context) if training else (1, 0)
     pipeline = _Pipeline(source, input_config, image_size, training, seed, num_epochs,
                          num_classes)
-    ds = pipeline.dataset(batch_size, shards)
+    with _autograph_off():
+      ds = pipeline.dataset(batch_size, shards)
     input_fn.bad_record_counter = pipeline.counter
     return ds
 
