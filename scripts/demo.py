@@ -68,8 +68,9 @@ def main():
   _run(_tool("et-train"), FLAGFILE)
   _run(_tool("et-evaluate"), FLAGFILE)
   _run(_tool("et-export"), FLAGFILE)
+  # The baseline is for comparison only: it never publishes to exports/demo.
   scratch = ["--backbone=demo_backbone/keras_model.h5", "--backbone_weights=none",
-             "--model_dir=runs/demo_scratch"]
+             "--model_dir=runs/demo_scratch", "--export_dir="]
   _run(_tool("et-train"), FLAGFILE, *scratch)
   _run(_tool("et-evaluate"), FLAGFILE, *scratch)
 
