@@ -20,5 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Ours vs Keras fit, the inference limit, startup, serving, knobs (~30 min on
+# 2 cores; `$(BIN)/python scripts/benchmark.py --quick` takes ~5). Tables on
+# stdout, numbers in bench/results.json.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python scripts/benchmark.py
+
 clean:
 	rm -rf runs exports demo_data demo_backbone

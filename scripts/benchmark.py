@@ -15,6 +15,11 @@ features: feature-cache mode (--cache_features) at the demo size and 224 px:
   one feature-extraction pass vs 20 epochs of head training from the cache
   (target <= 1.5x) and vs 20 epochs of ordinary frozen training (target:
   cached >= 8x faster). See section_features.
+train, startup, serving, knobs, summary: ours vs a Keras `fit` script (frozen
+  and full fine-tuning), vs the backbone's pure inference and the machine's
+  fp32 matmul peak, process start to first step, serving latency vs a plain
+  Keras SavedModel, the performance flags, and the table of targets; each
+  measurement in a child process. See scripts/bench_peers.py.
 """
 import argparse
 import json
@@ -52,8 +57,18 @@ def print_table(title, rows):
 
 
 def machine():
-  return {"cpus": os.cpu_count(), "platform": platform.platform(),
+  info = {"cpus": os.cpu_count(), "platform": platform.platform(),
           "python": platform.python_version()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    info["cpu"] = names[0] if names else platform.processor()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    info["tensorflow"] = tf.__version__
+    info["load_average_1min"] = os.getloadavg()[0]
+  except (OSError, ImportError):
+    pass
+  return info
 
 
 def save_results(section, rows, args):

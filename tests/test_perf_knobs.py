@@ -84,6 +84,17 @@ def test_knob_trains_finite_and_predicts_like_float32(knob, float32_run, tiny_da
   assert (experiment.config.run, experiment.config.input) == (cfg.run, cfg.input)
 
 
+def test_loss_scaling_composes_with_gradual_unfreezing(make_config, tiny_backbone):
+  # The loss-scaled step wraps the per-stage switch in a tf.cond.
+  cfg = make_config(run__mixed_precision="mixed_float16", freeze__spec="all",
+                    freeze__unfreeze_schedule="3:none")
+  runner.Experiment(cfg).train()
+  values = checkpoint_values(cfg.run.model_dir)
+  assert values["global_step"] == 6
+  assert not np.array_equal(values["conv1/kernel"], tiny_backbone["values"]["conv1/kernel"])
+  assert all(np.all(np.isfinite(v)) for v in values.values())
+
+
 def _train_graph(cfg, mode=tf.estimator.ModeKeys.TRAIN):
   """The model_fn's graph (and nothing else) for `mode` on a batch of images."""
   resolved = backbones.resolve(cfg.backbone)  # outside: loading builds a model too

@@ -378,14 +378,17 @@ def define_flags() -> None:
                        "extraction time and disk, and only K variants per image); 0: "
                        "un-augmented features, and augmentation flags are an error.")
   # Performance knobs (scripts/benchmark.py measures each; see README).
-  flags.DEFINE_bool("xla", d.run.xla, "Compile the training step with XLA (also on "
-                    "CPU); the first steps pay the compilation.")
+  flags.DEFINE_bool("xla", d.run.xla, "Compile the training step with XLA (for "
+                    "GPUs; the first step pays the compilation). It works on CPU, "
+                    "but XLA's CPU convolutions measured ~10x slower than the "
+                    "default kernels (scripts/benchmark.py --only=knobs).")
   flags.DEFINE_enum("mixed_precision", d.run.mixed_precision,
                     list(config_lib.MIXED_PRECISION_POLICIES), "Keras dtype policy of "
                     "the backbone: float32, mixed_float16 (GPUs; dynamic loss "
-                    "scaling) or mixed_bfloat16 (TPUs, recent GPUs and CPUs with "
-                    "AVX512_BF16/AMX). Variables and checkpoints stay float32; Keras "
-                    "backbones only.")
+                    "scaling) or mixed_bfloat16 (TPUs, recent GPUs). Both run on "
+                    "CPUs, correctly but not faster (bfloat16 measured slower on an "
+                    "AVX512_BF16 CPU: scripts/benchmark.py --only=knobs). Variables "
+                    "and checkpoints stay float32; Keras backbones only.")
   flags.DEFINE_integer("prefetch", d.input.prefetch, "Batches the input pipeline "
                        "prepares ahead of the training step; -1: tf.data.AUTOTUNE, "
                        "0: none.")
