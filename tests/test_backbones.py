@@ -60,7 +60,7 @@ def _app_weights_file(tmp_path, name, size=32):
   return path, {w.name[:-2]: w.numpy() for w in model.weights}
 
 
-def _train_app_frozen(make_config, tmp_path, name):
+def _check_app_weights_load_and_stay_frozen(make_config, tmp_path, name):
   path, expected = _app_weights_file(tmp_path, name)
   cfg = make_config(backbone__handle=_handle(name), backbone__weights=path,
                     backbone__image_size=32, freeze__spec="all", run__max_steps=1,
@@ -75,13 +75,13 @@ def _train_app_frozen(make_config, tmp_path, name):
 
 
 def test_mobilenet_v2_weights_file_loads_and_stays_frozen(make_config, tmp_path):
-  _train_app_frozen(make_config, tmp_path, "mobilenet_v2")
+  _check_app_weights_load_and_stay_frozen(make_config, tmp_path, "mobilenet_v2")
 
 
 @SLOW
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "resnet50"])
 def test_large_application_weights_file_loads_and_stays_frozen(make_config, tmp_path, name):
-  _train_app_frozen(make_config, tmp_path, name)
+  _check_app_weights_load_and_stay_frozen(make_config, tmp_path, name)
 
 
 def test_weights_file_of_another_architecture_is_clear_error(tiny_backbone):

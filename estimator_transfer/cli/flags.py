@@ -143,6 +143,21 @@ def define_flags() -> None:
   if "backbone" in FLAGS:
     return
   d = ExperimentConfig()
+  _define_location_flags(d)
+  _define_model_flags(d)
+  _define_schedule_flags(d)
+  _define_loop_flags(d)
+  _define_export_flags(d)
+  _define_continual_flags(d)
+  _define_transfer_flags(d)
+  _define_cluster_flags(d)
+  _define_pipeline_flags(d)
+  _define_cache_flags(d)
+  _define_performance_flags(d)
+
+
+def _define_location_flags(d: ExperimentConfig) -> None:
+  """Flags: where things are."""
   # Where things are.
   flags.DEFINE_string("model_dir", None, "Directory for checkpoints, the saved "
                       "config and eval results.")
@@ -160,6 +175,10 @@ def define_flags() -> None:
                       "--eval_data publishes here only a model that beats those "
                       "published before (--best_metric), and every evaluated "
                       "checkpoint to <model_dir>/export/latest.")
+
+
+def _define_model_flags(d: ExperimentConfig) -> None:
+  """Flags: backbone and head."""
   # Backbone and head.
   flags.DEFINE_string("backbone", d.backbone.handle, "Keras application name "
                       "(mobilenet_v2, resnet50, mobilenet_v2(alpha=0.35), ...), "
@@ -184,6 +203,10 @@ def define_flags() -> None:
                       "first:N (freeze the first N weighted layers), last:N (train "
                       "only the last N), until:<layer> (freeze up to and including "
                       "it), regex:<pattern> (freeze matching layers/variables).")
+
+
+def _define_schedule_flags(d: ExperimentConfig) -> None:
+  """Flags: schedule and optimizer."""
   # Schedule and optimizer.
   flags.DEFINE_list("lr_boundaries", list(map(str, d.schedule.boundaries)),
                     "Global steps at which the learning rate changes, e.g. 500,800, "
@@ -198,6 +221,10 @@ def define_flags() -> None:
                      "nesterov, rmsprop).")
   flags.DEFINE_float("clip_norm", d.optimizer.clip_norm, "Clip gradients to this "
                      "global norm; 0 for no clipping.")
+
+
+def _define_loop_flags(d: ExperimentConfig) -> None:
+  """Flags: input and loop."""
   # Input and loop.
   flags.DEFINE_integer("batch_size", d.input.batch_size, "Training batch size.")
   flags.DEFINE_integer("eval_batch_size", d.input.eval_batch_size, "Evaluation "
@@ -229,6 +256,10 @@ def define_flags() -> None:
   flags.DEFINE_string("checkpoint_path", "", "et-evaluate/et-export: a specific "
                       "checkpoint (model_dir/model.ckpt-N); et-evaluate also takes "
                       "'best' (kept by et-train's eval loop) and 'latest' (default).")
+
+
+def _define_export_flags(d: ExperimentConfig) -> None:
+  """Flags: serving exports (et-export, and et-train with --export_dir)."""
   # Serving exports (et-export, and et-train with --export_dir).
   flags.DEFINE_list("serving_inputs", list(d.export.serving_inputs), "Signatures "
                     "to export, by input; the first is also serving_default; empty: "
@@ -251,6 +282,9 @@ def define_flags() -> None:
                        "(assets.extra/tf_serving_warmup_requests); 0: none. Needs "
                        "tensorflow-serving-api.")
 
+
+def _define_continual_flags(d: ExperimentConfig) -> None:
+  """Flags: continued training, resume and guards (et-train)."""
   # Continued training, resume and guards (et-train).
   flags.DEFINE_string("warm_start_from", d.continual.warm_start_from, "Start a new "
                       "run from this checkpoint, model_dir or exported SavedModel: "
@@ -290,6 +324,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("allow_config_change", False, "et-train: resume although the "
                     "backbone or head settings differ from the config saved in "
                     "--model_dir.")
+
+
+def _define_transfer_flags(d: ExperimentConfig) -> None:
+  """Flags: transfer-learning core."""
   # Transfer-learning core.
   flags.DEFINE_string("backbone_value_range", d.backbone.value_range, "Pixel range "
                       "the backbone expects: zero_one, minus_one_one, zero_255, "
@@ -320,6 +358,10 @@ def define_flags() -> None:
   flags.DEFINE_float("ema_decay", d.optimizer.ema_decay, "Exponential moving "
                      "average of the trained weights (e.g. 0.999); evaluation and "
                      "export use the averages. 0: off.")
+
+
+def _define_cluster_flags(d: ExperimentConfig) -> None:
+  """Flags: cluster jobs: TF_CONFIG roles, strategies (see estimator_transfer/cluster.py)."""
   # Cluster jobs: TF_CONFIG roles, strategies (see estimator_transfer/cluster.py).
   flags.DEFINE_enum("distribution", d.cluster.distribution,
                     list(config_lib.DISTRIBUTIONS), "none: one device, or with "
@@ -338,6 +380,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("check_cluster", False, "et-train: check TF_CONFIG and the "
                     "settings, print what this task would do, and exit without "
                     "training.")
+
+
+def _define_pipeline_flags(d: ExperimentConfig) -> None:
+  """Flags: input pipeline (data/input_fns.py, data/augment.py); augmentation is."""
   # Input pipeline (data/input_fns.py, data/augment.py); augmentation is
   # training-only: evaluation and the export see the plain decoded image.
   flags.DEFINE_enum("on_bad_record", d.input.on_bad_record, ["skip", "fail"],
@@ -365,6 +411,10 @@ def define_flags() -> None:
                      "Beta(alpha, alpha) weights (0.2 is typical); 0: off.")
   flags.DEFINE_string("csv_label_column", d.input.csv_label_column, "CSV data: "
                       "the label column (class id or class name).")
+
+
+def _define_cache_flags(d: ExperimentConfig) -> None:
+  """Flags: feature-cache mode (feature_cache.py): a frozen backbone runs once."""
   # Feature-cache mode (feature_cache.py): a frozen backbone runs once.
   flags.DEFINE_string("cache_features", d.input.cache_features, "With --freeze=all: "
                       "compute the backbone features of --train_data/--eval_data "
@@ -377,6 +427,10 @@ def define_flags() -> None:
                        "training image (the augmentation flags apply; K times the "
                        "extraction time and disk, and only K variants per image); 0: "
                        "un-augmented features, and augmentation flags are an error.")
+
+
+def _define_performance_flags(d: ExperimentConfig) -> None:
+  """Flags: performance knobs (scripts/benchmark.py measures each; see README)."""
   # Performance knobs (scripts/benchmark.py measures each; see README).
   flags.DEFINE_bool("xla", d.run.xla, "Compile the training step with XLA (for "
                     "GPUs; the first step pays the compilation). It works on CPU, "
@@ -393,6 +447,7 @@ def define_flags() -> None:
                        "prepares ahead of the training step; -1: tf.data.AUTOTUNE, "
                        "0: none.")
   flags.DEFINE_alias("cache_dataset", "cache")
+
 
 
 def flags_to_config(flag_values=FLAGS) -> ExperimentConfig:
