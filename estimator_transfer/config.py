@@ -9,11 +9,10 @@ import json
 import os
 from typing import Optional, Tuple
 
+from estimator_transfer import specs
+from estimator_transfer.errors import ConfigError
+
 CONFIG_FILENAME = "config.json"
-
-
-class ConfigError(ValueError):
-  """A configuration problem the user can fix; the message is one sentence."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +163,12 @@ class InputConfig:
   cache_features_with_augmentation: int = 0
   prefetch: int = -1  # batches prefetched after the pipeline; -1: tf.data.AUTOTUNE, 0: none
 
+  def augments(self) -> bool:
+    """True when any per-example augmentation is switched on (mixup excluded)."""
+    return (self.random_flip != "none" or self.random_crop or
+            self.rotation_degrees > 0 or self.brightness > 0 or
+            self.contrast > 0 or self.saturation > 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -191,7 +196,6 @@ MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 # --serving_inputs values -> the signatures they add (see export.py).
 SERVING_INPUTS = ("image_bytes", "tf_example", "image_tensor")
-BEST_METRIC_MODES = ("auto", "max", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +250,6 @@ class ContinualConfig:
   replay_ratio: float = 0.5
 
 
-METRIC_MODES = ("auto", "max", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,9 +413,8 @@ def _validate(cfg: ExperimentConfig) -> None:
   _require(0.0 <= o.weight_decay, "--weight_decay must not be negative.")
   _require(0.0 <= o.ema_decay < 1.0,
            f"--ema_decay={o.ema_decay} must be in [0, 1), e.g. 0.999 (0: off).")
-  from estimator_transfer import schedules  # local: schedules imports config
-  schedules.check_boundaries(s.boundaries)
-  schedules.parse_multipliers(s.lr_multipliers)
+  specs.check_boundaries(s.boundaries)
+  specs.parse_multipliers(s.lr_multipliers)
   _require(s.warmup_steps >= 0, "--warmup_steps must not be negative.")
   _require(o.name in _OPTIMIZERS,
            f"--optimizer={o.name} is not supported; choose one of "
@@ -423,8 +425,7 @@ def _validate(cfg: ExperimentConfig) -> None:
   _require(i.on_bad_record in ("skip", "fail"),
            f"--on_bad_record={i.on_bad_record} is invalid; use skip or fail.")
   _require(i.shuffle_buffer >= 0, "--shuffle_buffer must not be negative.")
-  from estimator_transfer.data import augment  # local: data imports config
-  augment.validate(i)
+  _validate_augmentation(i)
   _require(r.max_steps > 0, f"--max_steps must be positive, got {r.max_steps}.")
   _require(r.save_checkpoints_steps > 0, "--save_checkpoints_steps must be positive.")
   _require(r.keep_checkpoint_max > 0, "--keep_checkpoint_max must be positive.")
@@ -445,15 +446,12 @@ def _validate(cfg: ExperimentConfig) -> None:
   _require(cfg.cluster.wait_for_workers_secs >= 0,
            "--wait_for_workers_secs must not be negative.")
   _validate_continual(cfg.continual, cfg.guards)
-  from estimator_transfer import freezing  # local: freezing imports config
-  freezing.parse_spec(cfg.freeze.spec)
-  freezing.parse_schedule(cfg.freeze.unfreeze_schedule)
-  from estimator_transfer import backbones  # local: backbones imports config
-  _require(not b.value_range or b.value_range in backbones.VALUE_RANGES,
+  specs.parse_spec(cfg.freeze.spec)
+  specs.parse_schedule(cfg.freeze.unfreeze_schedule)
+  _require(not b.value_range or b.value_range in specs.VALUE_RANGES,
            f"--backbone_value_range={b.value_range} is not one of "
-           f"{', '.join(backbones.VALUE_RANGES)}.")
-  from estimator_transfer import heads  # local: heads imports config
-  heads.parse_class_weights(h.class_weights, h.num_classes)
+           f"{', '.join(specs.VALUE_RANGES)}.")
+  specs.parse_class_weights(h.class_weights, h.num_classes)
   _validate_feature_cache(cfg)
 
 
@@ -473,13 +471,12 @@ def _validate_feature_cache(cfg: ExperimentConfig) -> None:
            "of it; use --freeze=all without --unfreeze_schedule, or drop --cache_features.")
   _require(not i.mixup_alpha, "--mixup_alpha mixes images before the backbone, which "
            "--cache_features skips; drop one of the two.")
-  from estimator_transfer.data import augment  # local: data imports config
   if copies:
-    _require(augment.is_enabled(i), f"--cache_features_with_augmentation={copies} "
+    _require(i.augments(), f"--cache_features_with_augmentation={copies} "
              "caches augmented copies but no augmentation is on; set e.g. "
              "--random_flip=horizontal, or use 0.")
   else:
-    _require(not augment.is_enabled(i), "--cache_features caches features of "
+    _require(not i.augments(), "--cache_features caches features of "
              "un-augmented images but augmentation is on (--random_flip, --random_crop, "
              "--rotation_degrees, --brightness, --contrast or --saturation); drop it, or "
              "cache K augmented copies with --cache_features_with_augmentation=K.")
@@ -490,8 +487,8 @@ def _validate_continual(c: ContinualConfig, g: GuardConfig) -> None:
            f"--replay_ratio={c.replay_ratio} must be between 0 and 1 (exclusive): "
            "the expected share of replayed examples in each batch.")
   _require(g.eval_every_steps >= 0, "--eval_every_steps must not be negative.")
-  _require(g.metric_mode in METRIC_MODES,
-           f"--metric_mode={g.metric_mode} is invalid; use {', '.join(METRIC_MODES)}.")
+  _require(g.metric_mode in specs.METRIC_MODES,
+           f"--metric_mode={g.metric_mode} is invalid; use {', '.join(specs.METRIC_MODES)}.")
   _require(g.patience >= 0, "--patience must not be negative (0: no early stopping).")
   _require(g.min_delta >= 0, "--min_delta must not be negative.")
   _require(g.regression_tolerance is None or g.regression_tolerance >= 0,
@@ -519,9 +516,9 @@ def _validate_export(e: ExportConfig, h: HeadConfig) -> None:
            "tf_example from --serving_inputs.")
   _require(bool(e.best_metric.strip()), "--best_metric must name an eval metric, "
            "e.g. accuracy or loss.")
-  _require(e.best_metric_mode in BEST_METRIC_MODES,
+  _require(e.best_metric_mode in specs.METRIC_MODES,
            f"--best_metric_mode={e.best_metric_mode} is invalid; use "
-           f"{', '.join(BEST_METRIC_MODES)}.")
+           f"{', '.join(specs.METRIC_MODES)}.")
   _require(0 <= e.serving_warmup <= 1000,
            f"--serving_warmup={e.serving_warmup} must be between 0 (no warmup "
            "file) and 1000 (TF Serving's limit).")
@@ -549,3 +546,35 @@ def load(model_dir: str) -> Optional[ExperimentConfig]:
   except (ValueError, TypeError) as e:
     raise ConfigError(f"{path} is not a valid estimator-transfer config ({e}); "
                       "restore it or start a new --model_dir.") from e
+
+
+def _validate_augmentation(config: "InputConfig") -> None:
+  """Checks the augmentation settings.
+
+  Raises:
+    ConfigError: one sentence naming the flag and the valid range.
+  """
+  checks = [
+      (config.random_flip in specs.FLIP_MODES,
+       f"--random_flip={config.random_flip} is invalid; use one of "
+       f"{', '.join(specs.FLIP_MODES)}."),
+      (0.0 < config.crop_min_area <= 1.0,
+       f"--crop_min_area={config.crop_min_area} must be in (0, 1], the smallest "
+       "share of the image a random crop keeps (e.g. 0.25)."),
+      (0.0 <= config.rotation_degrees <= 180.0,
+       f"--rotation_degrees={config.rotation_degrees} must be in [0, 180]."),
+      (0.0 <= config.brightness <= 1.0,
+       f"--brightness={config.brightness} must be in [0, 1] (max added to pixels "
+       "in [0, 1])."),
+      (0.0 <= config.contrast < 1.0,
+       f"--contrast={config.contrast} must be in [0, 1) (factor 1 +/- contrast)."),
+      (0.0 <= config.saturation < 1.0,
+       f"--saturation={config.saturation} must be in [0, 1) (factor 1 +/- "
+       "saturation)."),
+      (config.mixup_alpha >= 0.0,
+       f"--mixup_alpha={config.mixup_alpha} must not be negative (0: off; "
+       "0.2 is typical)."),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)

@@ -160,7 +160,7 @@ def _ours_config(spec, model_dir):
 def worker_ours(spec):
   """Our training (Experiment.train, every guard on) timed by a hook."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   clock = _Clock(spec)
 
   class ClockHook(tf.compat.v1.train.SessionRunHook):
@@ -186,7 +186,7 @@ def worker_ours(spec):
 def _keras_model(spec):
   """The Keras peer: the same application, value range and head as ours."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import backbones  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import backbones  # pylint: disable=g-import-not-at-top
   name, _, args = spec["backbone"].partition("(")
   ctor_name, value_range, _ = backbones.KERAS_APPLICATIONS[name]
   kwargs = backbones._parse_kwargs(args.rstrip(")"), spec["backbone"])  # pylint: disable=protected-access
@@ -249,7 +249,7 @@ def worker_keras(spec):
 def worker_infer(spec):
   """The limit of frozen training: the backbone's forward pass alone, graph mode."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import backbones, config  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import backbones, config  # pylint: disable=g-import-not-at-top
   images, _ = _memory_batch(spec)
   resolved = backbones.resolve(config.BackboneConfig(handle=spec["backbone"], weights="none",
                                                      image_size=spec["size"]))
@@ -290,8 +290,8 @@ def _float_ops(graph):
 def worker_flops(spec):
   """FLOPs of one training step (frozen and full) and of one forward pass."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import backbones  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import model_fn as model_fn_lib  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import backbones  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import model_fn as model_fn_lib  # pylint: disable=g-import-not-at-top
   out = {}
   shape = [spec["batch"], spec["size"], spec["size"], 3]
   for freeze in ("all", "none"):
@@ -335,7 +335,7 @@ def _timed(fn):
 
 def worker_export_ours(spec):
   """Trains 2 steps and exports with et-export's code; returns the version dir."""
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   cfg = _ours_config(dict(spec, freeze="all", steps=2), spec["model_dir"])
   experiment = runner.Experiment(cfg)
   experiment.train()

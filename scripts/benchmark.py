@@ -174,7 +174,7 @@ def _training_rate(data, size, backbone, batch, steps, work, in_memory):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from estimator_transfer import config as config_lib  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
   model_dir = tempfile.mkdtemp(dir=work)
   cfg = config_lib.ExperimentConfig(
@@ -282,7 +282,7 @@ def _frozen_config(data, backbone, size, weights, model_dir, steps, batch, cache
 
 def _timed_training(cfg, warmup):
   """(wall seconds of Experiment(cfg).train(), steady-state steps/s)."""
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   timer = _StepTimer(warmup)
   start = time.perf_counter()
   runner.Experiment(cfg).train(hooks=[timer.hook])
@@ -304,8 +304,8 @@ def section_features(args):
   steady-state rate).
   """
   import math  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import backbones  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import feature_cache  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import backbones  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.feature_cache import cache as feature_cache  # pylint: disable=g-import-not-at-top
   from estimator_transfer.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
   work = tempfile.mkdtemp(prefix="et_bench_features_")
   rows = []

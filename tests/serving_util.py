@@ -19,7 +19,7 @@ from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from estimator_transfer import config as config_lib
-from estimator_transfer import runner
+from estimator_transfer.training import experiment as runner
 from estimator_transfer.data import tfrecords
 
 import conftest

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError, InputConfig
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import BackboneConfig, ExperimentConfig, InputConfig
 from estimator_transfer.data import augment
 from estimator_transfer.data import input_fns
 
@@ -62,7 +63,8 @@ def test_nothing_enabled_means_no_augment_fn():
 ])
 def test_invalid_settings_name_the_flag(overrides, flag):
   with pytest.raises(ConfigError, match=flag):
-    augment.validate(InputConfig(**overrides))
+    ExperimentConfig(backbone=BackboneConfig(handle="mobilenet_v2"),
+                     input=InputConfig(**overrides)).validate()
 
 
 def test_mixup_blends_images_and_labels_with_the_same_weights():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import backbones
+from estimator_transfer.model import backbones
 from estimator_transfer import config as config_lib
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 
 from conftest import IMAGE_SIZE
 from transfer_helpers import (TF1_BN_STATS, TF1_REG_SCALE, hub_name, regularized_saved_model,  # noqa: F401

@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, run_cli
-from estimator_transfer import cluster
+from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.cli import common
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 
 CLUSTER = {"chief": ["h0:2222"], "worker": ["h1:2222", "h2:2222"], "ps": ["h3:2222"]}
 
@@ -237,7 +237,7 @@ def test_cluster_flagfile_and_job_specs_fit_et_train(tiny_data, tiny_backbone, t
 
 def test_local_train_and_evaluate_with_mirrored_strategy(make_config):
   """--distribution=mirrored without TF_CONFIG: in-graph replication, eval per checkpoint."""
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   cfg = make_config(cluster__distribution="mirrored", cluster__eval_throttle_secs=0)
   run_config = runner.make_cluster_run_config(cfg, cluster.Task())
   assert isinstance(run_config.train_distribute, tf.compat.v1.distribute.MirroredStrategy)

@@ -2,7 +2,8 @@
 import pytest
 
 from estimator_transfer import config as config_lib
-from estimator_transfer.config import ConfigError, ExperimentConfig
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import ExperimentConfig
 
 
 def test_json_round_trip(make_config):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import backbones
+from estimator_transfer.model import backbones
 from estimator_transfer.config import BackboneConfig
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import labels as labels_lib

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import runner
+from estimator_transfer.training import experiment as runner
 
 from conftest import checkpoint_values
 from transfer_helpers import checkpoint_at

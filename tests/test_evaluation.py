@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import evaluation
+from estimator_transfer.evaluation import report as evaluation
+from estimator_transfer.model import metrics
 
 
 def test_report_matches_hand_computed_numbers():
@@ -31,7 +32,7 @@ def test_streaming_confusion_matrix_accumulates_batches():
   with tf.Graph().as_default():
     labels = tf.compat.v1.placeholder(tf.int64, [None])
     preds = tf.compat.v1.placeholder(tf.int64, [None])
-    value, update = evaluation.confusion_matrix_metric(labels, preds, 3)
+    value, update = metrics.confusion_matrix_metric(labels, preds, 3)
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.local_variables_initializer())
       sess.run(update, {labels: [0, 1, 2], preds: [0, 2, 2]})

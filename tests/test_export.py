@@ -7,11 +7,11 @@ import pytest
 import tensorflow as tf
 
 from estimator_transfer import config as config_lib
-from estimator_transfer import export as export_lib
-from estimator_transfer import exporters
-from estimator_transfer import inspection
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError
+from estimator_transfer.serving import export as export_lib
+from estimator_transfer.serving import exporters
+from estimator_transfer.serving import inspect as inspection
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
 
 import conftest
 import serving_util

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import export as export_lib
-from estimator_transfer import exporters
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError
+from estimator_transfer.serving import export as export_lib
+from estimator_transfer.serving import exporters
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
 from estimator_transfer.data import labels as labels_lib
 from estimator_transfer.data import tfrecords
+from estimator_transfer import specs
 
 import conftest
 import serving_util
@@ -58,7 +59,7 @@ def _versions(export_dir):
     ("auc", "auto", "max"), ("loss", "max", "max"), ("accuracy", "min", "min"),
 ])
 def test_metric_mode(metric, mode, expected):
-  assert exporters.metric_mode(metric, mode) == expected
+  assert specs.metric_mode(metric, mode) == expected
 
 
 @pytest.mark.parametrize("value, best, mode, better", [
@@ -67,7 +68,7 @@ def test_metric_mode(metric, mode, expected):
     (float("nan"), None, "max", False), (float("nan"), 0.5, "min", False),
 ])
 def test_is_better_is_strict_and_never_nan(value, best, mode, better):
-  assert exporters.is_better(value, best, mode) is better
+  assert specs.is_better(value, best, mode) is better
 
 
 def test_restarted_exporter_does_not_publish_a_worse_model(trained, tmp_path):

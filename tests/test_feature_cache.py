@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import backbones
-from estimator_transfer import feature_cache
-from estimator_transfer import heads
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError
+from estimator_transfer.model import backbones
+from estimator_transfer.feature_cache import cache as feature_cache
+from estimator_transfer.model import heads
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import preprocessing
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import backbones
+from estimator_transfer.model import backbones
 from estimator_transfer import config as config_lib
-from estimator_transfer import freezing
-from estimator_transfer import model_fn as model_fn_lib
-from estimator_transfer.config import ConfigError
+from estimator_transfer.model import freezing
+from estimator_transfer.model import model_fn as model_fn_lib
+from estimator_transfer.errors import ConfigError
+from estimator_transfer import specs
 
 from conftest import IMAGE_SIZE
 from transfer_helpers import train
@@ -31,13 +32,13 @@ BN_STATS = ("moving_mean", "moving_variance")
     ("regex:2$", [False, False, True, True]),
 ])
 def test_spec_resolves_to_frozen_layers(spec, frozen):
-  resolution = freezing.resolve(freezing.parse_spec(spec), LAYERS)
+  resolution = freezing.resolve(specs.parse_spec(spec), LAYERS)
   assert resolution.frozen_layers == frozen
   assert resolution.frozen_variables == [[f, f] for f in frozen]
 
 
 def test_regex_on_variable_names_freezes_single_variables():
-  resolution = freezing.resolve(freezing.parse_spec("regex:/gamma$"), LAYERS)
+  resolution = freezing.resolve(specs.parse_spec("regex:/gamma$"), LAYERS)
   # Only the gammas freeze; no layer is wholly frozen, so BN keeps training
   # mode (its beta and statistics still move).
   assert resolution.frozen_layers == [False] * 4
@@ -52,7 +53,7 @@ def test_regex_on_variable_names_freezes_single_variables():
 ])
 def test_bad_spec_is_clear_error(spec, message):
   with pytest.raises(ConfigError, match=message):
-    freezing.parse_spec(spec)
+    specs.parse_spec(spec)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -63,19 +64,19 @@ def test_bad_spec_is_clear_error(spec, message):
 ])
 def test_spec_that_does_not_fit_is_clear_error(spec, message):
   with pytest.raises(ConfigError, match=message):
-    freezing.resolve(freezing.parse_spec(spec), LAYERS)
+    freezing.resolve(specs.parse_spec(spec), LAYERS)
 
 
 def test_schedule_parses_steps_epochs_and_specs_with_commas():
-  stages = freezing.parse_schedule("0:all,500:last:20,1500:regex:a{1,3},2e:none", "none")
+  stages = specs.parse_schedule("0:all,500:last:20,1500:regex:a{1,3},2e:none", "none")
   assert [(s.start, str(s.spec)) for s in stages] == [
       (0, "all"), (500, "last:20"), (1500, "regex:a{1,3}"), ("2e", "none")]
-  assert [(s.start, str(s.spec)) for s in freezing.parse_schedule("", "first:2")] == [
+  assert [(s.start, str(s.spec)) for s in specs.parse_schedule("", "first:2")] == [
       (0, "first:2")]
   # --freeze applies before the first scheduled step.
-  assert str(freezing.parse_schedule("10:none", "all")[0].spec) == "all"
+  assert str(specs.parse_schedule("10:none", "all")[0].spec) == "all"
   # 1000 steps per epoch (hand): 2e -> step 2000.
-  resolved = freezing.resolve_plan_steps(stages, 1000.0)
+  resolved = specs.resolve_plan_steps(stages, 1000.0)
   assert [s.start for s in resolved] == [0, 500, 1500, 2000]
 
 
@@ -86,7 +87,7 @@ def test_schedule_parses_steps_epochs_and_specs_with_commas():
 ])
 def test_bad_schedule_is_clear_error(text, message):
   with pytest.raises(ConfigError, match=message):
-    freezing.parse_schedule(text)
+    specs.parse_schedule(text)
 
 
 def test_frozen_batchnorm_runs_in_inference_mode_next_to_training_one(tiny_backbone):

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import checkpoints
-from estimator_transfer import continual
-from estimator_transfer import hooks
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError, GuardConfig
+from estimator_transfer.training import checkpoints
+from estimator_transfer.training import continual
+from estimator_transfer.training import hooks
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import GuardConfig
+from estimator_transfer import specs
 
 from conftest import run_cli
 from continual_helpers import read_checkpoint
@@ -163,4 +165,4 @@ def test_record_evaluation_decisions():
   with pytest.raises(ConfigError, match="choose one of accuracy"):
     continual.record_evaluation(continual.LoopState(), 1, {"accuracy": 1.0},
                                 GuardConfig(early_stopping_metric="auc"))
-  assert continual.metric_mode("loss") == "min" and continual.metric_mode("accuracy") == "max"
+  assert specs.metric_mode("loss") == "min" and specs.metric_mode("accuracy") == "max"

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import heads
-from estimator_transfer import model_fn as model_fn_lib
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError, HeadConfig
+from estimator_transfer.model import heads
+from estimator_transfer.model import model_fn as model_fn_lib
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import HeadConfig
 
 from conftest import IMAGE_SIZE, write_tfrecord_split
 from transfer_helpers import array_input_fn

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError, InputConfig
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import InputConfig
 from estimator_transfer.data import bad_records
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import labels as labels_lib

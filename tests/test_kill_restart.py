@@ -14,9 +14,9 @@ import subprocess
 import sys
 import time
 
-from estimator_transfer import checkpoints
+from estimator_transfer.training import checkpoints
 from estimator_transfer import config as config_lib
-from estimator_transfer import runner
+from estimator_transfer.training import experiment as runner
 
 from continual_helpers import CaptureAfterRestoreHook, assert_values_equal, read_checkpoint
 
@@ -131,7 +131,7 @@ def test_kill_and_sigterm_at_several_points_then_training_completes(
 
 def _launcher(mode, argv):
   """Runs et-train in this process, with the failure injection `mode` asks for."""
-  from estimator_transfer import hooks  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import hooks  # pylint: disable=g-import-not-at-top
   from estimator_transfer.cli import train  # pylint: disable=g-import-not-at-top
   if mode == "slow":
     after_run = hooks.NonFiniteLossHook.after_run

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import model_fn as model_fn_lib
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError
+from estimator_transfer.model import model_fn as model_fn_lib
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
 
 from conftest import checkpoint_values
 

@@ -4,8 +4,8 @@ import pytest
 import tensorflow as tf
 
 from estimator_transfer import config as config_lib
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

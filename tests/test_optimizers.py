@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import backbones
+from estimator_transfer.model import backbones
 from estimator_transfer import config as config_lib
-from estimator_transfer import heads
-from estimator_transfer import optimizers
-from estimator_transfer.config import ConfigError, OptimizerConfig
+from estimator_transfer.model import heads
+from estimator_transfer.model import optimizers
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import OptimizerConfig
 
 from transfer_helpers import checkpoint_at, train
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import backbones
-from estimator_transfer import model_fn as model_fn_lib
-from estimator_transfer import optimizers
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError, InputConfig, OptimizerConfig
+from estimator_transfer.model import backbones
+from estimator_transfer.model import model_fn as model_fn_lib
+from estimator_transfer.model import optimizers
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import InputConfig, OptimizerConfig
 from estimator_transfer.data import input_fns
 
 from conftest import checkpoint_values, run_cli

@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from estimator_transfer import exporters
-from estimator_transfer import predict
-from estimator_transfer.config import ConfigError
+from estimator_transfer.serving import exporters
+from estimator_transfer.serving import predictor as predict
+from estimator_transfer.errors import ConfigError
 
 import conftest
 import serving_util

@@ -15,7 +15,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from estimator_transfer.config import ConfigError, InputConfig
+from estimator_transfer.errors import ConfigError
+
+from estimator_transfer.config import InputConfig
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import prepare
 

@@ -7,11 +7,11 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from estimator_transfer import continual
-from estimator_transfer import runner
-from estimator_transfer import warm_start
+from estimator_transfer.training import continual
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.training import warm_start
 from estimator_transfer.cli import flags as et_flags
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 from estimator_transfer.data import labels as labels_lib
 from estimator_transfer.data import tfrecords
 

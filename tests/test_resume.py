@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import checkpoints
+from estimator_transfer.training import checkpoints
 from estimator_transfer import config as config_lib
-from estimator_transfer import runner
-from estimator_transfer.config import ConfigError
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.errors import ConfigError
 
 from continual_helpers import (CaptureAfterRestoreHook, assert_values_equal, ckpt_path,
                                read_checkpoint, tiny_config)

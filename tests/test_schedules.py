@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import model_fn as model_fn_lib
-from estimator_transfer import schedules
-from estimator_transfer.config import ConfigError
+from estimator_transfer.model import model_fn as model_fn_lib
+from estimator_transfer.model import schedules
+from estimator_transfer.errors import ConfigError
+from estimator_transfer import specs
 
 from transfer_helpers import checkpoint_at, train
 
@@ -21,7 +22,7 @@ EXPECTED = {0: 0.025, 1: 0.05, 2: 0.075, 3: 0.1, 4: 0.1, 9: 0.1, 10: 0.01, 11: 0
 
 @pytest.mark.parametrize("step, rate", sorted(EXPECTED.items()))
 def test_piecewise_constant_hand_computed(step, rate):
-  assert schedules.piecewise_constant(step, BOUNDARIES, VALUES, WARMUP) == \
+  assert specs.piecewise_constant(step, BOUNDARIES, VALUES, WARMUP) == \
       pytest.approx(rate, rel=1e-12)
 
 
@@ -32,7 +33,7 @@ def test_graph_op_equals_python_at_every_boundary_step():
     with tf.compat.v1.Session() as sess:
       for s in sorted(EXPECTED):
         assert sess.run(rate, {step: s}) == pytest.approx(EXPECTED[s], rel=1e-6), s
-  assert schedules.piecewise_constant(5, (), (0.3,)) == 0.3
+  assert specs.piecewise_constant(5, (), (0.3,)) == 0.3
 
 
 @pytest.mark.parametrize("epochs, size, batch, step", [
@@ -43,15 +44,15 @@ def test_graph_op_equals_python_at_every_boundary_step():
     (2, 50, 8, 13),        # 12.5 -> 13
 ])
 def test_epoch_boundaries_to_steps(epochs, size, batch, step):
-  assert schedules.epochs_to_step(epochs, schedules.steps_per_epoch(size, batch)) == step
+  assert specs.epochs_to_step(epochs, specs.steps_per_epoch(size, batch)) == step
 
 
 def test_resolve_boundaries_mixes_steps_and_epochs():
-  assert schedules.resolve_boundaries([100, "30e", "60e"], 31.25) == [100, 938, 1875]
+  assert specs.resolve_boundaries([100, "30e", "60e"], 31.25) == [100, 938, 1875]
   with pytest.raises(ConfigError, match="epoch size is unknown"):
-    schedules.resolve_boundaries(["30e"], None)
+    specs.resolve_boundaries(["30e"], None)
   with pytest.raises(ConfigError, match="strictly increasing"):
-    schedules.resolve_boundaries([2000, "30e"], 31.25)
+    specs.resolve_boundaries([2000, "30e"], 31.25)
 
 
 @pytest.mark.parametrize("boundaries, message", [
@@ -67,14 +68,14 @@ def test_bad_boundaries_are_clear_errors(make_config, boundaries, message):
 
 
 def test_multipliers_parse_and_first_match_wins():
-  parsed = schedules.parse_multipliers("backbone/conv1=0, backbone/=0.1,^z{1,3}$=2e-1")
+  parsed = specs.parse_multipliers("backbone/conv1=0, backbone/=0.1,^z{1,3}$=2e-1")
   assert parsed == [("backbone/conv1", 0.0), ("backbone/", 0.1), ("^z{1,3}$", 0.2)]
-  assert schedules.multiplier_for("backbone/conv1/kernel", parsed) == 0.0
-  assert schedules.multiplier_for("backbone/bn1/gamma", parsed) == 0.1
-  assert schedules.multiplier_for("head/head_logits/kernel", parsed) == 1.0
+  assert specs.multiplier_for("backbone/conv1/kernel", parsed) == 0.0
+  assert specs.multiplier_for("backbone/bn1/gamma", parsed) == 0.1
+  assert specs.multiplier_for("head/head_logits/kernel", parsed) == 1.0
   for bad in ("backbone", "backbone/=x", "(=1", "head/=-1"):
     with pytest.raises(ConfigError, match="--lr_multipliers"):
-      schedules.parse_multipliers(bad)
+      specs.parse_multipliers(bad)
 
 
 def test_epoch_boundaries_counted_from_the_training_data(make_config):

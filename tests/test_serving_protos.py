@@ -16,7 +16,7 @@ from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
-from estimator_transfer import export as export_lib
+from estimator_transfer.serving import export as export_lib
 from estimator_transfer.data import preprocessing
 
 import conftest

@@ -4,7 +4,7 @@ import os
 
 from tensorboard.backend.event_processing import event_accumulator
 
-from estimator_transfer import runner
+from estimator_transfer.training import experiment as runner
 
 
 def _load(path):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from estimator_transfer import model_fn as model_fn_lib
+from estimator_transfer.model import model_fn as model_fn_lib
 
 from transfer_helpers import checkpoint_at, hub_name, tf1_module, train  # noqa: F401
 

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from estimator_transfer import runner
-from estimator_transfer import warm_start
-from estimator_transfer.config import ConfigError
+from estimator_transfer.training import experiment as runner
+from estimator_transfer.training import warm_start
+from estimator_transfer.errors import ConfigError
 
 from continual_helpers import (CaptureAfterRestoreHook, ckpt_path, read_checkpoint,
                                tiny_config)

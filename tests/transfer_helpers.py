@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_transfer import runner
+from estimator_transfer.training import experiment as runner
 
 from conftest import IMAGE_SIZE, checkpoint_values
 

@@ -19,8 +19,8 @@ def main(flag_values) -> None:
     ConfigError: TF_CONFIG, the flags or the data do not fit this role.
   """
   # pylint: disable=g-import-not-at-top
-  from estimator_transfer import cluster
-  from estimator_transfer import runner
+  from estimator_transfer.cluster import tf_config as cluster
+  from estimator_transfer.training import experiment as runner
   # pylint: enable=g-import-not-at-top
   task = cluster.current_task()
   cfg = et_flags.flags_to_config(flag_values)
@@ -49,7 +49,7 @@ def main(flag_values) -> None:
     experiment = runner.Experiment(cfg)
   if task.is_chief and experiment.config.export.export_dir:
     # A bad export setting (e.g. unreadable warmup data) fails now, not after training.
-    from estimator_transfer import exporters  # pylint: disable=g-import-not-at-top
+    from estimator_transfer.serving import exporters  # pylint: disable=g-import-not-at-top
     exporters.export_options(experiment.config, experiment.image_size)
   outcome = runner.train_and_evaluate(experiment.config, task, experiment, strategy)
   if task.task_type == cluster.EVALUATOR:

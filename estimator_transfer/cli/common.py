@@ -71,7 +71,7 @@ def platform_argv(argv):
   flags placed first, so the command line and flagfiles still win; SageMaker's
   `--flag True` for boolean flags becomes `--flag=True`.
   """
-  from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
   names = list(flags.FLAGS)
   bools = [name for name in names if flags.FLAGS[name].boolean]
   return ([argv[0]] + cluster.platform_fallback_args(defined=names) +

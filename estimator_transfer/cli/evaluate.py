@@ -43,7 +43,7 @@ def _print_summary(report, what):
 
 
 def _checkpoint(model_dir: str, value: str):
-  from estimator_transfer import continual  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import continual  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if value in ("", "latest"):
     return None
@@ -59,8 +59,8 @@ def _checkpoint(model_dir: str, value: str):
 
 def main(argv):
   del argv
-  from estimator_transfer import evaluation  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.evaluation import report as evaluation  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if f.export_path:

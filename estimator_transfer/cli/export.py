@@ -22,8 +22,8 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer import inspection  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import inspect as inspection  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   cfg = et_flags.flags_to_config(FLAGS)
   experiment = runner.Experiment(cfg)

@@ -11,8 +11,9 @@ from typing import Callable, Dict, Tuple
 from absl import flags
 
 from estimator_transfer import config as config_lib
-from estimator_transfer import continual
-from estimator_transfer.config import ConfigError, ExperimentConfig
+from estimator_transfer.training import continual
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.data import labels as labels_lib
 
 FLAGS = flags.FLAGS

@@ -28,8 +28,8 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer import export as export_lib  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import inspection  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import export as export_lib  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import inspect as inspection  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if not FLAGS.export_dir:
     raise ConfigError("--export_dir is required: a SavedModel version directory "

@@ -36,7 +36,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer import predict  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import predictor as predict  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if not FLAGS.predict_data:
     raise ConfigError("--predict_data is required: an image, a folder or TFRecords.")
@@ -64,9 +64,9 @@ def main(argv):
 
 def _predictor():
   """(Predictor, tf.Example image key) from --export_dir or --model_dir."""
-  from estimator_transfer import exporters  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import predict  # pylint: disable=g-import-not-at-top
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import exporters  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import predictor as predict  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if FLAGS["export_dir"].present:
     if FLAGS["model_dir"].present:

@@ -11,7 +11,7 @@ log = logging.getLogger("estimator_transfer")
 
 def main(argv):
   del argv
-  from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
   if (flags.FLAGS.check_cluster or not cluster.current_task().is_local or
       flags.FLAGS.distribution != "none"):
     # TF_CONFIG names a cluster (this task's role in train_and_evaluate), or a
@@ -20,7 +20,7 @@ def main(argv):
     from estimator_transfer.cli import cluster_job  # pylint: disable=g-import-not-at-top
     cluster_job.main(flags.FLAGS)
     return
-  from estimator_transfer import runner  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
   cfg = et_flags.flags_to_config(flags.FLAGS)
   experiment = runner.Experiment(cfg)
   cfg = experiment.config
@@ -28,7 +28,7 @@ def main(argv):
     log.info("%s", line)
   # Built before training: a bad export setting fails now, not after hours.
   after_evaluation = _best_exporter(experiment) if cfg.export.export_dir else None
-  from estimator_transfer import hooks  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.training import hooks  # pylint: disable=g-import-not-at-top
   try:
     step = experiment.train(on_corrupt_checkpoint=flags.FLAGS.on_corrupt_checkpoint,
                             allow_config_change=flags.FLAGS.allow_config_change,
@@ -73,7 +73,7 @@ def _best_exporter(experiment):
   (--eval_every_steps, early stopping); None without --eval_data. Building it
   checks the export settings (warmup data too) before training starts.
   """
-  from estimator_transfer import exporters  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import exporters  # pylint: disable=g-import-not-at-top
   cfg = experiment.config
   options = exporters.export_options(cfg, experiment.image_size)
   if not cfg.input.eval_data:

@@ -18,51 +18,13 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from estimator_transfer.config import ConfigError, InputConfig
+from estimator_transfer.errors import ConfigError
 
-FLIP_MODES = ("none", "horizontal", "vertical", "both")
+from estimator_transfer.config import InputConfig
+
 # Aspect ratios of the random resized crop (as in Inception/ResNet training).
 CROP_ASPECT_RATIOS = (3.0 / 4.0, 4.0 / 3.0)
 _NUM_OPS = 6  # independent seeds split from each example's seed
-
-
-def is_enabled(config: InputConfig) -> bool:
-  """True when any per-example augmentation is switched on (mixup excluded)."""
-  return (config.random_flip != "none" or config.random_crop or
-          config.rotation_degrees > 0 or config.brightness > 0 or
-          config.contrast > 0 or config.saturation > 0)
-
-
-def validate(config: InputConfig) -> None:
-  """Checks the augmentation settings.
-
-  Raises:
-    ConfigError: one sentence naming the flag and the valid range.
-  """
-  checks = [
-      (config.random_flip in FLIP_MODES,
-       f"--random_flip={config.random_flip} is invalid; use one of "
-       f"{', '.join(FLIP_MODES)}."),
-      (0.0 < config.crop_min_area <= 1.0,
-       f"--crop_min_area={config.crop_min_area} must be in (0, 1], the smallest "
-       "share of the image a random crop keeps (e.g. 0.25)."),
-      (0.0 <= config.rotation_degrees <= 180.0,
-       f"--rotation_degrees={config.rotation_degrees} must be in [0, 180]."),
-      (0.0 <= config.brightness <= 1.0,
-       f"--brightness={config.brightness} must be in [0, 1] (max added to pixels "
-       "in [0, 1])."),
-      (0.0 <= config.contrast < 1.0,
-       f"--contrast={config.contrast} must be in [0, 1) (factor 1 +/- contrast)."),
-      (0.0 <= config.saturation < 1.0,
-       f"--saturation={config.saturation} must be in [0, 1) (factor 1 +/- "
-       "saturation)."),
-      (config.mixup_alpha >= 0.0,
-       f"--mixup_alpha={config.mixup_alpha} must not be negative (0: off; "
-       "0.2 is typical)."),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise ConfigError(message)
 
 
 def build_augment_fn(config: InputConfig, image_size: int
@@ -77,8 +39,7 @@ def build_augment_fn(config: InputConfig, image_size: int
     A function of a float32 [size, size, 3] image in [0, 1] and an int64 [2]
     seed; its output is in [0, 1] with the same shape.
   """
-  validate(config)
-  if not is_enabled(config):
+  if not config.augments():
     return None
 
   def augment(image, seed):

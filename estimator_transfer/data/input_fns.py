@@ -37,7 +37,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer.config import ConfigError, InputConfig
+from estimator_transfer.errors import ConfigError
+
+from estimator_transfer.config import InputConfig
 from estimator_transfer.data import augment as augment_lib
 from estimator_transfer.data import bad_records
 from estimator_transfer.data import labels as labels_lib
@@ -741,7 +743,6 @@ def build_input_fn(config: InputConfig, data: str, image_size: int,
     ConfigError: the data cannot be found or does not fit the keys/labels.
   """
   source = resolve_source(config, data, class_names)
-  augment_lib.validate(config)
   if training and config.mixup_alpha > 0 and max(num_classes,
                                                  len(source.class_names)) < 2:
     raise ConfigError("--mixup_alpha needs the number of classes; set --num_classes "
@@ -785,7 +786,6 @@ def build_array_input_fn(config: InputConfig, features, labels, training: bool,
   """
   features = np.asarray(features)
   labels = np.asarray(labels)
-  augment_lib.validate(config)
   if features.ndim not in (2, 4) or len(features) != len(labels):
     raise ConfigError(f"in-memory data must be images [n, h, w, 3] or vectors "
                       f"[n, d] with one label each; got features {features.shape} "

@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import tensorflow as tf
 
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 
 LABELS_FILENAME = "labels.txt"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")

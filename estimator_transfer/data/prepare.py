@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"

@@ -28,34 +28,15 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from estimator_transfer import export as export_lib
-from estimator_transfer.config import ConfigError, ExperimentConfig
+from estimator_transfer.serving import export as export_lib
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import ExperimentConfig
+from estimator_transfer import specs
 
 log = logging.getLogger("estimator_transfer")
 
 LEDGER_FILENAME = ".et_best_exports.json"  # hidden: TF Serving only looks at <n>/
 LATEST_SUBDIR = os.path.join("export", "latest")  # under model_dir, as Estimator does
-
-
-def metric_mode(metric: str, mode: str = "auto") -> str:
-  """`max` or `min`: whether a bigger `metric` is better.
-
-  `auto` is `min` for losses and errors (names containing "loss", "error",
-  "mse", "mae"), `max` for everything else (accuracy, auc, precision...).
-  """
-  if mode in ("max", "min"):
-    return mode
-  lowered = metric.lower()
-  return "min" if any(k in lowered for k in ("loss", "error", "mse", "mae")) else "max"
-
-
-def is_better(value: float, best: Optional[float], mode: str) -> bool:
-  """Strictly better than `best` (None: nothing to beat); NaN never is."""
-  if value is None or math.isnan(value):
-    return False
-  if best is None:
-    return True
-  return value > best if mode == "max" else value < best
 
 
 def read_ledger(export_dir: str) -> List[dict]:
@@ -172,7 +153,7 @@ class BestExporter(tf.estimator.Exporter):
     """
     self._options = options
     self._metric = metric
-    self._mode = metric_mode(metric, mode)
+    self._mode = specs.metric_mode(metric, mode)
     self._export_dir = export_dir
     self._name = name
     self.last_decision = ""  # one line saying what the last call did and why
@@ -209,7 +190,7 @@ class BestExporter(tf.estimator.Exporter):
     export_dir = self._export_dir or export_path
     value = result[self._metric]
     best = self.best_so_far(export_dir, estimator.model_dir, result.get("global_step"))
-    if not is_better(value, best, self._mode):
+    if not specs.is_better(value, best, self._mode):
       self.last_decision = (f"kept the published model: {self._metric} {value:.4g} "
                             f"does not beat {best:.4g}" if best is not None else
                             f"nothing exported: {self._metric} is {value}")

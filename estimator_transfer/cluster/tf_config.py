@@ -51,7 +51,9 @@ import os
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from estimator_transfer.config import DISTRIBUTIONS, ConfigError
+from estimator_transfer.errors import ConfigError
+
+from estimator_transfer.config import DISTRIBUTIONS
 
 TF_CONFIG = "TF_CONFIG"
 CHIEF, MASTER, WORKER, PS, EVALUATOR, LOCAL = (

@@ -79,12 +79,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer import backbones
-from estimator_transfer.config import ConfigError, ExperimentConfig
+from estimator_transfer.model import backbones
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.data import augment as augment_lib
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import preprocessing
-from estimator_transfer.model_fn import CACHED_FEATURES_KEY
+from estimator_transfer.model.model_fn import CACHED_FEATURES_KEY
 
 log = logging.getLogger("estimator_transfer")
 

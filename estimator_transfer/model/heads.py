@@ -16,16 +16,17 @@ its class (multi-label: each class term by its weight), like Keras'
 `class_weight`: loss = mean_i(w_i * l_i). They shape training only; the
 evaluation loss is unweighted, so runs with different weights compare.
 """
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer import evaluation
+from estimator_transfer.model import metrics
 
-from estimator_transfer.config import ConfigError, HeadConfig
+from estimator_transfer.errors import ConfigError
 
-BALANCED = "balanced"
+from estimator_transfer.config import HeadConfig
+
 # sum(w * l) / number of terms: Keras' class_weight semantics, and the plain
 # mean when there are no weights.
 _MEAN_OVER_ELEMENTS = tf.compat.v1.losses.Reduction.SUM_OVER_BATCH_SIZE
@@ -145,15 +146,15 @@ class Head:
     ids = tf.cast(self._class_ids(labels), tf.int64)
     predicted = tf.argmax(logits, axis=-1)
     num_classes = self._config.num_classes
-    metrics = {"accuracy": m.accuracy(ids, predicted),
+    ops = {"accuracy": m.accuracy(ids, predicted),
                # One pass gives the per-class report: precision, recall, F1.
-               "confusion_matrix": evaluation.confusion_matrix_metric(ids, predicted,
-                                                                      num_classes)}
-    k = evaluation.top_k_for(num_classes)
+               "confusion_matrix": metrics.confusion_matrix_metric(ids, predicted,
+                                                                  num_classes)}
+    k = metrics.top_k_for(num_classes)
     if k > 1:
       in_top_k = tf.math.in_top_k(tf.cast(ids, tf.int32), tf.cast(logits, tf.float32), k)
-      metrics[f"top_{k}_accuracy"] = m.mean(tf.cast(in_top_k, tf.float32))
-    return metrics
+      ops[f"top_{k}_accuracy"] = m.mean(tf.cast(in_top_k, tf.float32))
+    return ops
 
   # --------------------------------------------------------------------------
 
@@ -189,32 +190,6 @@ def multi_hot(labels, num_classes: int):
   ids = tf.reshape(tf.cast(labels, tf.int32), [tf.shape(labels)[0], -1])
   # one_hot of -1 is all zeros, so padding drops out.
   return tf.reduce_max(tf.one_hot(ids, num_classes), axis=1)
-
-
-def parse_class_weights(text: str, num_classes: int = 0
-                        ) -> Union[None, str, List[float]]:
-  """Parses `--class_weights`: empty, `balanced`, or one weight per class.
-
-  Raises:
-    ConfigError: not numbers, negative, or the wrong count.
-  """
-  text = (text or "").strip()
-  if not text:
-    return None
-  if text.lower() == BALANCED:
-    return BALANCED
-  try:
-    weights = [float(w) for w in text.split(",")]
-  except ValueError:
-    raise ConfigError(f"--class_weights={text} must be 'balanced' or one number "
-                      "per class, e.g. 1,1,4.") from None
-  if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-    raise ConfigError(f"--class_weights={text} must be non-negative with at least "
-                      "one positive weight.")
-  if num_classes and len(weights) != num_classes:
-    raise ConfigError(f"--class_weights has {len(weights)} weights for "
-                      f"{num_classes} classes; give one weight per class.")
-  return weights
 
 
 def balanced_class_weights(counts: Sequence[int]) -> List[float]:

@@ -30,9 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer import checkpoints
+from estimator_transfer.training import checkpoints
 from estimator_transfer import config as config_lib
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 
 log = logging.getLogger("estimator_transfer")
 

@@ -9,19 +9,21 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from estimator_transfer import backbones
-from estimator_transfer import checkpoints
-from estimator_transfer import continual
-from estimator_transfer import hooks as hooks_lib
-from estimator_transfer import warm_start
+from estimator_transfer.model import backbones
+from estimator_transfer.training import checkpoints
+from estimator_transfer.training import continual
+from estimator_transfer.training import hooks as hooks_lib
+from estimator_transfer.training import warm_start
 from estimator_transfer import config as config_lib
-from estimator_transfer import evaluation
-from estimator_transfer import export as export_lib
-from estimator_transfer import exporters
-from estimator_transfer import model_fn as model_fn_lib
-from estimator_transfer.config import ConfigError, ExperimentConfig
+from estimator_transfer.evaluation import report as evaluation
+from estimator_transfer.serving import export as export_lib
+from estimator_transfer.serving import exporters
+from estimator_transfer.model import model_fn as model_fn_lib
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import labels as labels_lib
+from estimator_transfer import specs
 
 EVAL_RESULTS_FILENAME = "eval_results.json"
 
@@ -96,7 +98,7 @@ class Experiment:
     head = self.config.head
     if self.config.input.cache_features:
       # Feature-cache mode: the frozen backbone's features, computed once.
-      from estimator_transfer import feature_cache  # pylint: disable=g-import-not-at-top
+      from estimator_transfer.feature_cache import cache as feature_cache  # pylint: disable=g-import-not-at-top
       fn = feature_cache.build_input_fn(
           self.feature_cache(), data, training, seed=self.config.run.seed,
           class_names=data_names or head.class_names,
@@ -113,7 +115,7 @@ class Experiment:
     if not self.config.input.cache_features:
       return None
     if getattr(self, "_feature_cache", None) is None:
-      from estimator_transfer import feature_cache  # pylint: disable=g-import-not-at-top
+      from estimator_transfer.feature_cache import cache as feature_cache  # pylint: disable=g-import-not-at-top
       self._feature_cache = feature_cache.FeatureCache(self.config, self.backbone)
     return self._feature_cache
 
@@ -470,7 +472,7 @@ def early_stopping_hook(estimator, config: ExperimentConfig):
   if not (g.early_stopping_metric and g.patience):
     return None
   every = g.eval_every_steps or config.run.save_checkpoints_steps
-  mode = continual.metric_mode(g.early_stopping_metric, g.metric_mode)
+  mode = specs.metric_mode(g.early_stopping_metric, g.metric_mode)
   make = (tf.estimator.experimental.stop_if_no_increase_hook if mode == "max"
           else tf.estimator.experimental.stop_if_no_decrease_hook)
   return make(estimator, g.early_stopping_metric, g.patience * every,
@@ -608,7 +610,7 @@ def make_cluster_run_config(config: ExperimentConfig, task,
   Raises:
     ConfigError: the distribution does not fit the cluster.
   """
-  from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
   r, c = config.run, config.cluster
   cluster.check(task, c.distribution, r.model_dir)
   return tf.estimator.RunConfig(
@@ -658,7 +660,7 @@ def train_and_evaluate(config: ExperimentConfig, task=None,
     ConfigError: missing data for the role, or a cluster that does not fit
       the distribution.
   """
-  from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
   task = task if task is not None else cluster.current_task()
   if task.task_type == cluster.PS:
     return _serve_parameters(config, task)
@@ -759,7 +761,7 @@ def _serve_parameters(config: ExperimentConfig, task) -> ClusterOutcome:
 
   The model is never built on a ps, so its estimator needs no backbone.
   """
-  from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
 
   def model_fn(features, labels, mode):
     raise RuntimeError("a ps task never builds the model")
@@ -836,7 +838,7 @@ class _WaitForWorkersHook(tf.compat.v1.train.SessionRunHook):
   """
 
   def __init__(self, model_dir: str, workers, timeout_secs: float):
-    from estimator_transfer import cluster  # pylint: disable=g-import-not-at-top
+    from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
     self._paths = {w.name: cluster.task_steps_path(model_dir, w) for w in workers}
     self._timeout = timeout_secs
     self._started = time.time()

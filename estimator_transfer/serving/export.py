@@ -45,7 +45,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer.config import SERVING_INPUTS, ConfigError
+from estimator_transfer.errors import ConfigError
+
+from estimator_transfer.config import SERVING_INPUTS
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import labels as labels_lib
 from estimator_transfer.data import preprocessing

@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from estimator_transfer import export as export_lib
-from estimator_transfer.config import ConfigError
+from estimator_transfer.serving import export as export_lib
+from estimator_transfer.errors import ConfigError
 
 _EXAMPLE_METHODS = (tf.saved_model.CLASSIFY_METHOD_NAME, tf.saved_model.REGRESS_METHOD_NAME)
 

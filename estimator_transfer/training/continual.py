@@ -18,8 +18,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer.config import ConfigError, ExperimentConfig, GuardConfig
+from estimator_transfer.errors import ConfigError
+
+from estimator_transfer.config import ExperimentConfig, GuardConfig
 from estimator_transfer.data import labels as labels_lib
+from estimator_transfer import specs
 
 log = logging.getLogger("estimator_transfer")
 
@@ -75,7 +78,7 @@ def model_class_names(cfg: ExperimentConfig,
     return merge_class_names(existing, replay, data_names)
   old = None
   if c.warm_start_from and c.keep_old_classes:
-    from estimator_transfer import warm_start  # pylint: disable=g-import-not-at-top
+    from estimator_transfer.training import warm_start  # pylint: disable=g-import-not-at-top
     old = warm_start.resolve_source(c.warm_start_from).class_names
   merged = merge_class_names(old, replay, data_names)
   return merged or None
@@ -156,12 +159,6 @@ def mix_input_fns(new_fn, replay_fn, replay_ratio: float, batch_size: int,
 # --- interleaved train/evaluate loop state ---------------------------------
 
 
-def metric_mode(metric: str, mode: str = "auto") -> str:
-  """`max` or `min`, decided as for the best export (auto: min for losses/errors)."""
-  from estimator_transfer import exporters  # pylint: disable=g-import-not-at-top
-  return exporters.metric_mode(metric, mode)
-
-
 @dataclasses.dataclass
 class LoopState:
   """What the train/evaluate loop must remember across restarts.
@@ -235,7 +232,7 @@ def record_evaluation(state: LoopState, step: int, metrics: Dict[str, float],
   if metric not in metrics:
     raise ConfigError(f"--early_stopping_metric={metric} is not an eval metric; "
                       f"choose one of {', '.join(sorted(metrics))}.")
-  mode = metric_mode(metric, guards.metric_mode)
+  mode = specs.metric_mode(metric, guards.metric_mode)
   if state.metric != metric or state.mode != mode:
     if state.metric:
       log.warning("the watched metric changed (%s %s -> %s %s): best-model tracking "

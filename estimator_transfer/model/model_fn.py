@@ -7,14 +7,15 @@ from typing import Optional
 
 import tensorflow as tf
 
-from estimator_transfer import backbones
-from estimator_transfer import freezing
-from estimator_transfer import heads
-from estimator_transfer import hooks
-from estimator_transfer import optimizers
-from estimator_transfer import schedules
-from estimator_transfer.config import ConfigError, ExperimentConfig
+from estimator_transfer.model import backbones
+from estimator_transfer.model import heads
+from estimator_transfer.training import hooks
+from estimator_transfer.model import optimizers
+from estimator_transfer.model import schedules
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.data import bad_records
+from estimator_transfer import specs
 
 ModeKeys = tf.estimator.ModeKeys
 IMAGE_KEY = "image"
@@ -60,11 +61,11 @@ def build_model_fn(config: ExperimentConfig,
   def _model_spec(features, labels, mode):
     training = mode == ModeKeys.TRAIN
     plan = training_setup.freeze_plan() if training else \
-        freezing.parse_schedule(config.freeze.unfreeze_schedule, config.freeze.spec)
+        specs.parse_schedule(config.freeze.unfreeze_schedule, config.freeze.spec)
     if not training:
       # Only the union of trained variables matters outside training; any
       # increasing starts do (epoch starts need the data counted).
-      plan = [freezing.Stage(i, stage.spec) for i, stage in enumerate(plan)]
+      plan = [specs.Stage(i, stage.spec) for i, stage in enumerate(plan)]
     if isinstance(features, dict) and CACHED_FEATURES_KEY in features:
       backbone = _cached_backbone(features[CACHED_FEATURES_KEY])
     else:
@@ -120,25 +121,25 @@ class _TrainingSetup:
   def steps_per_epoch(self) -> Optional[float]:
     c = self._config
     size = c.schedule.train_size
-    if not size and (schedules.needs_epoch_size(c.schedule.boundaries) or any(
-        isinstance(s.start, str) for s in freezing.parse_schedule(
+    if not size and (specs.needs_epoch_size(c.schedule.boundaries) or any(
+        isinstance(s.start, str) for s in specs.parse_schedule(
             c.freeze.unfreeze_schedule, c.freeze.spec))):
       size = self._data_counts()[0]
-    return schedules.steps_per_epoch(size, c.input.batch_size) if size else None
+    return specs.steps_per_epoch(size, c.input.batch_size) if size else None
 
   def lr_boundaries(self):
-    return schedules.resolve_boundaries(self._config.schedule.boundaries,
+    return specs.resolve_boundaries(self._config.schedule.boundaries,
                                         self.steps_per_epoch())
 
   def freeze_plan(self):
     c = self._config.freeze
-    stages = freezing.parse_schedule(c.unfreeze_schedule, c.spec)
-    return freezing.resolve_plan_steps(stages, self.steps_per_epoch())
+    stages = specs.parse_schedule(c.unfreeze_schedule, c.spec)
+    return specs.resolve_plan_steps(stages, self.steps_per_epoch())
 
   def class_weights(self):
     h = self._config.head
-    weights = heads.parse_class_weights(h.class_weights, h.num_classes)
-    if weights == heads.BALANCED:
+    weights = specs.parse_class_weights(h.class_weights, h.num_classes)
+    if weights == specs.BALANCED:
       weights = heads.balanced_class_weights(self._data_counts()[1])
       log.info("class weights (balanced): %s", ", ".join(f"{w:.4g}" for w in weights))
     return weights
@@ -259,8 +260,8 @@ def _train_op(config, loss, backbone, head, boundaries):
   var_list = _unique(backbone.trainable_variables + head_vars)
   names = {id(v): "backbone/" + backbones._var_name(v) for v in backbone.trainable_variables}  # pylint: disable=protected-access
   names.update({id(v): "head/" + backbones._var_name(v) for v in head_vars})  # pylint: disable=protected-access
-  multipliers = schedules.parse_multipliers(s.lr_multipliers)
-  factors = {id(v): schedules.multiplier_for(names[id(v)], multipliers) for v in var_list}
+  multipliers = specs.parse_multipliers(s.lr_multipliers)
+  factors = {id(v): specs.multiplier_for(names[id(v)], multipliers) for v in var_list}
   _record_variables(config, backbone, var_list, stage_lists, names, factors)
   update_ops = _unique(backbone.update_ops + tf.compat.v1.get_collection(
       tf.compat.v1.GraphKeys.UPDATE_OPS))

@@ -18,9 +18,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer import export as export_lib
-from estimator_transfer import inspection
-from estimator_transfer.config import ConfigError
+from estimator_transfer.serving import export as export_lib
+from estimator_transfer.serving import inspect as inspection
+from estimator_transfer.errors import ConfigError
 from estimator_transfer.data import input_fns
 from estimator_transfer.data import labels as labels_lib
 

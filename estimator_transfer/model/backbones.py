@@ -53,9 +53,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer import freezing
-from estimator_transfer import schedules
-from estimator_transfer.config import BackboneConfig, ConfigError
+from estimator_transfer.model import freezing
+from estimator_transfer.model import schedules
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.config import BackboneConfig
+from estimator_transfer import specs
 
 # name -> (tf.keras.applications constructor, value range, default size)
 KERAS_APPLICATIONS = {
@@ -75,8 +77,6 @@ KERAS_APPLICATIONS = {
     "vgg16": ("VGG16", "caffe", 224),
 }
 
-# Input value ranges; the input pipeline always yields RGB floats in [0, 1].
-VALUE_RANGES = ("zero_one", "minus_one_one", "zero_255", "caffe", "torch")
 
 _APP_RE = re.compile(r"^([a-z0-9_]+)(?:\((.*)\))?$")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -99,7 +99,7 @@ def to_value_range(images, value_range: str):
     return ((images - tf.constant(_TORCH_MEAN, dtype=images.dtype)) /
             tf.constant(_TORCH_STD, dtype=images.dtype))
   raise ConfigError(f"unknown value range {value_range!r}; use one of "
-                    f"{', '.join(VALUE_RANGES)}.")
+                    f"{', '.join(specs.VALUE_RANGES)}.")
 
 
 @dataclasses.dataclass
@@ -164,7 +164,7 @@ class ResolvedBackbone:
 
     Args:
       images: float32 [batch, size, size, 3] RGB in [0, 1].
-      plan: a freeze spec string, or a list of `freezing.Stage` with int
+      plan: a freeze spec string, or a list of `specs.Stage` with int
         starts (gradual unfreezing; the stage follows the global step).
       training: whether this graph trains (mode == TRAIN).
       policy: the Keras dtype policy of a Keras backbone (float32,
@@ -178,7 +178,7 @@ class ResolvedBackbone:
       ConfigError: the plan does not fit this backbone, or a mixed policy
         for a Hub module.
     """
-    stages = [freezing.Stage(0, freezing.parse_spec(plan))] if isinstance(plan, str) \
+    stages = [specs.Stage(0, specs.parse_spec(plan))] if isinstance(plan, str) \
         else list(plan)
     stage_index = None
     if len(stages) > 1:

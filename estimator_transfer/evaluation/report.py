@@ -1,7 +1,7 @@
 """Evaluation reports: per-class precision/recall/F1, confusion matrix, PNG.
 
 The numbers come from a confusion matrix accumulated in the eval graph (one
-pass over the data, see `confusion_matrix_metric`), so a report costs no
+pass over the data, see `model.metrics.confusion_matrix_metric`), so a report costs no
 second pass; the same report can be built for an exported SavedModel.
 """
 import json
@@ -11,13 +11,10 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from estimator_transfer.model import metrics
+
 REPORT_FILENAME = "eval_results.json"
 CONFUSION_PNG = "confusion_matrix.png"
-
-
-def top_k_for(num_classes: int) -> int:
-  """k of the reported top-k accuracy: 5, or fewer for small label sets."""
-  return min(5, num_classes - 1)
 
 
 def scalar_metrics(result: Mapping) -> Dict[str, float]:
@@ -50,22 +47,6 @@ def full_report(result: Mapping, class_names: Sequence[str],
   if data:
     report["eval_data"] = data
   return report
-
-
-def confusion_matrix_metric(labels, predictions, num_classes: int):
-  """A streaming confusion matrix: (value, update_op) for eval_metric_ops.
-
-  Rows are true classes, columns predicted classes.
-  """
-  matrix = tf.compat.v1.get_local_variable(
-      "eval_confusion_matrix", shape=[num_classes, num_classes], dtype=tf.int64,
-      initializer=tf.compat.v1.zeros_initializer(),
-      collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES,
-                   tf.compat.v1.GraphKeys.METRIC_VARIABLES])
-  batch = tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(predictions, [-1]),
-                                   num_classes=num_classes, dtype=tf.int64)
-  update = tf.compat.v1.assign_add(matrix, batch)
-  return tf.identity(matrix), update
 
 
 def classification_report(matrix: np.ndarray, class_names: Sequence[str]) -> Dict:
@@ -185,7 +166,7 @@ def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded
   Returns:
     A report like `full_report` (accuracy, top-k, loss, per-class numbers).
   """
-  from estimator_transfer import predict  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.serving import predictor as predict  # pylint: disable=g-import-not-at-top
   predictor = predict.Predictor.from_saved_model(export_path)
   names = predictor.class_names
   probabilities, labels, skipped = [], [], 0
@@ -231,7 +212,7 @@ def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded
   result = {"confusion_matrix": matrix,
             "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels],
                                                   1e-12, 1.0))))}
-  k = top_k_for(num_classes)
+  k = metrics.top_k_for(num_classes)
   if k > 1:
     top = np.argsort(-probs, axis=1)[:, :k]
     result[f"top_{k}_accuracy"] = float(np.mean([l in row for l, row in zip(labels, top)]))

@@ -23,7 +23,7 @@ from typing import List, Optional
 import tensorflow as tf
 from google.protobuf import text_format
 
-from estimator_transfer.config import ConfigError
+from estimator_transfer.errors import ConfigError
 
 log = logging.getLogger("estimator_transfer")
 

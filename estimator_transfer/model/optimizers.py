@@ -29,7 +29,9 @@ from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
-from estimator_transfer.config import ConfigError, OptimizerConfig
+from estimator_transfer.errors import ConfigError
+
+from estimator_transfer.config import OptimizerConfig
 
 _DEFAULT_NAMES = {"sgd": "GradientDescent", "momentum": "Momentum",
                   "nesterov": "Momentum", "adam": "Adam", "adamw": "Adam",

@@ -26,39 +26,10 @@ used to *read* a spec (until:, regex:), matched against each layer's own name.
 import dataclasses
 import difflib
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-from estimator_transfer.config import ConfigError
-
-_SPEC_RE = re.compile(r"^(all|none|first:\d+|last:\d+|until:.+|regex:.+)$", re.S)
-# A schedule entry starts at a step ("500") or an epoch count ("2e", "0.5e").
-_ENTRY_SPLIT_RE = re.compile(r",\s*(?=\d+(?:\.\d+)?e?:)")
-_ENTRY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?e?):(.+)$", re.S)
-_SPEC_HELP = ("use all, none, first:N (freeze the first N layers), last:N (train "
-              "only the last N layers), until:<layer> (freeze up to and including "
-              "that layer) or regex:<pattern> (freeze matching layers/variables)")
-
-
-@dataclasses.dataclass(frozen=True)
-class FreezeSpec:
-  """A parsed freeze spec."""
-  kind: str  # all | none | first | last | until | regex
-  count: int = 0
-  pattern: str = ""
-
-  def __str__(self) -> str:
-    if self.kind in ("first", "last"):
-      return f"{self.kind}:{self.count}"
-    if self.kind in ("until", "regex"):
-      return f"{self.kind}:{self.pattern}"
-    return self.kind
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """One stage of a freeze plan: `spec` applies from global step `start`."""
-  start: object  # int step, or "<epochs>e" before `resolve_plan_steps`
-  spec: FreezeSpec
+from estimator_transfer.errors import ConfigError
+from estimator_transfer import specs
 
 
 @dataclasses.dataclass
@@ -73,96 +44,7 @@ class Resolution:
   frozen_variables: List[List[bool]]
 
 
-def parse_spec(spec: str) -> FreezeSpec:
-  """Parses a freeze spec string.
-
-  Args:
-    spec: e.g. `all`, `first:3`, `until:block_5_add`, `regex:^block_1[0-6]`.
-
-  Returns:
-    A FreezeSpec.
-
-  Raises:
-    ConfigError: the spec is not one of the supported forms, or its regex does
-      not compile.
-  """
-  spec = (spec or "").strip()
-  if not _SPEC_RE.match(spec):
-    raise ConfigError(f"--freeze={spec!r} is not a freeze spec; {_SPEC_HELP}.")
-  if ":" not in spec:
-    return FreezeSpec(spec)
-  kind, rest = spec.split(":", 1)
-  if kind in ("first", "last"):
-    return FreezeSpec(kind, int(rest))
-  if kind == "regex":
-    try:
-      re.compile(rest)
-    except re.error as e:
-      raise ConfigError(f"--freeze=regex:{rest} is not a valid regular expression "
-                        f"({e}); fix the pattern.") from e
-  return FreezeSpec(kind, pattern=rest)
-
-
-def parse_schedule(text: str, base: str = "all") -> List[Stage]:
-  """Parses `--unfreeze_schedule` into stages, the first starting at step 0.
-
-  Args:
-    text: `STEP:SPEC,...` with increasing STEPs (ints, or `<epochs>e`); empty
-      for no schedule.
-    base: the `--freeze` spec, used before the first scheduled step.
-
-  Returns:
-    Stages in order; one stage (`base` from step 0) when `text` is empty.
-
-  Raises:
-    ConfigError: an entry is malformed or the steps do not increase.
-  """
-  stages = [Stage(0, parse_spec(base))]
-  text = (text or "").strip()
-  if not text:
-    return stages
-  for entry in _ENTRY_SPLIT_RE.split(text):
-    match = _ENTRY_RE.match(entry)
-    if not match:
-      raise ConfigError(
-          f"--unfreeze_schedule entry {entry.strip()!r} must look like STEP:SPEC, "
-          "e.g. 0:all,500:last:20,1500:none.")
-    try:
-      spec = parse_spec(match.group(2).strip())
-    except ConfigError as e:
-      if "not a freeze spec" not in str(e):
-        raise
-      raise ConfigError(f"--unfreeze_schedule entry {entry.strip()!r} must look like "
-                        f"STEP:SPEC; {_SPEC_HELP}.") from None
-    start = match.group(1)
-    start = start if start.endswith("e") else int(start)
-    if start in (0, "0e"):
-      stages[0] = Stage(0, spec)
-    else:
-      stages.append(Stage(start, spec))
-  steps = [s.start for s in stages]
-  if all(isinstance(s, int) for s in steps) and any(
-      a >= b for a, b in zip(steps, steps[1:])):
-    raise ConfigError(f"--unfreeze_schedule={text}: the steps {steps[1:]} must be "
-                      "positive and strictly increasing.")
-  return stages
-
-
-def resolve_plan_steps(stages: Sequence[Stage], steps_per_epoch: Optional[float]
-                       ) -> List[Stage]:
-  """Turns `<epochs>e` stage starts into steps (see schedules.epochs_to_step).
-
-  Raises:
-    ConfigError: an epoch start without a known epoch size, or starts that do
-      not increase.
-  """
-  from estimator_transfer import schedules  # pylint: disable=g-import-not-at-top
-  starts = schedules.resolve_boundaries([s.start for s in stages[1:]], steps_per_epoch,
-                                        flag="--unfreeze_schedule")
-  return [stages[0]] + [Stage(b, s.spec) for b, s in zip(starts, stages[1:])]
-
-
-def resolve(spec: FreezeSpec, layers: Sequence[Tuple[str, Sequence[str]]]
+def resolve(spec: specs.FreezeSpec, layers: Sequence[Tuple[str, Sequence[str]]]
             ) -> Resolution:
   """Applies `spec` to a backbone's layers.
 
@@ -199,7 +81,7 @@ def resolve(spec: FreezeSpec, layers: Sequence[Tuple[str, Sequence[str]]]
   return Resolution(mask, [[f] * len(v) for f, (_, v) in zip(mask, layers)])
 
 
-def frozen_mask(spec: FreezeSpec, layer_names: Sequence[str]) -> List[bool]:
+def frozen_mask(spec: specs.FreezeSpec, layer_names: Sequence[str]) -> List[bool]:
   """Returns, per weighted layer (in order), whether it is frozen.
 
   Raises:
