@@ -32,7 +32,7 @@ VALUE_RANGES = ("zero_one", "minus_one_one", "zero_255", "caffe", "torch")
 
 FLIP_MODES = ("none", "horizontal", "vertical", "both")
 
-# --best_metric_mode / --metric_mode values.
+# --metric_mode values.
 METRIC_MODES = ("auto", "max", "min")
 
 

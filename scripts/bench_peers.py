@@ -19,7 +19,7 @@ Registered in scripts/benchmark.py (its SECTIONS), which runs them:
            same preprocessing, both served TF Serving's way (a session on the
            loaded MetaGraph) [6].
   knobs    our examples/s with --xla, --mixed_precision, --intra/inter_op_threads,
-           --prefetch and --cache_dataset against the defaults.
+           --prefetch and --cache against the defaults.
   summary  the targets [1]-[8] in one table, from bench/results.json (the
            `features` section gives [3], `train` [4] for the real backbones,
            `input` [4] for the demo CNN).
@@ -95,8 +95,8 @@ def _memory_batch(spec):
   """One decoded training batch of the JPEG data, as NumPy (the ideal input)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import InputConfig  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
-  features, _ = next(iter(input_fns.build_input_fn(
+  from estimator_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
+  features, _ = next(iter(pipeline.build_input_fn(
       InputConfig(batch_size=spec["batch"], shuffle_buffer=64), spec["data"], spec["size"],
       training=True, seed=1)()))
   return features["image"].numpy(), np.arange(spec["batch"], dtype=np.int32) % NUM_CLASSES
@@ -186,15 +186,16 @@ def worker_ours(spec):
 def _keras_model(spec):
   """The Keras peer: the same application, value range and head as ours."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.model import backbones  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import backbone_types  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import keras_backbone  # pylint: disable=g-import-not-at-top
   name, _, args = spec["backbone"].partition("(")
-  ctor_name, value_range, _ = backbones.KERAS_APPLICATIONS[name]
-  kwargs = backbones._parse_kwargs(args.rstrip(")"), spec["backbone"])  # pylint: disable=protected-access
+  ctor_name, value_range, _ = keras_backbone.KERAS_APPLICATIONS[name]
+  kwargs = keras_backbone.parse_kwargs(args.rstrip(")"), spec["backbone"])
   size = spec["size"]
   base = getattr(tf.keras.applications, ctor_name)(
       include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg", **kwargs)
   inputs = tf.keras.Input((size, size, 3), name="image")
-  x = backbones.to_value_range(inputs, value_range)
+  x = backbone_types.to_value_range(inputs, value_range)
   if spec["freeze"] == "all":
     base.trainable = False
     x = base(x, training=False)
@@ -220,7 +221,7 @@ def worker_keras(spec):
   """A plain Keras `fit` script on the same data, batch and threads."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import InputConfig  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
   _keras_setup(spec)
   clock = _Clock(spec)
   model = _keras_model(spec)
@@ -232,7 +233,7 @@ def worker_keras(spec):
     ds = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
   else:
     config = InputConfig(batch_size=spec["batch"], shuffle_buffer=1024)
-    ds = input_fns.build_input_fn(config, spec["data"], spec["size"], training=True,
+    ds = pipeline.build_input_fn(config, spec["data"], spec["size"], training=True,
                                   seed=1)().map(lambda f, l: (f["image"], l))
 
   class ClockCallback(tf.keras.callbacks.Callback):
@@ -249,7 +250,8 @@ def worker_keras(spec):
 def worker_infer(spec):
   """The limit of frozen training: the backbone's forward pass alone, graph mode."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.model import backbones, config  # pylint: disable=g-import-not-at-top
+  from estimator_transfer import config  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.model import backbones  # pylint: disable=g-import-not-at-top
   images, _ = _memory_batch(spec)
   resolved = backbones.resolve(config.BackboneConfig(handle=spec["backbone"], weights="none",
                                                      image_size=spec["size"]))
@@ -269,9 +271,9 @@ def worker_infer(spec):
 def worker_pipeline(spec):
   """The JPEG TFRecord input_fn alone (training mode), iterated eagerly."""
   from estimator_transfer.config import InputConfig  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
   config = InputConfig(batch_size=spec["batch"], shuffle_buffer=1024)
-  iterator = iter(input_fns.build_input_fn(config, spec["data"], spec["size"],
+  iterator = iter(pipeline.build_input_fn(config, spec["data"], spec["size"],
                                            training=True, seed=1)())
   clock = _Clock(spec)
   for _ in range(spec["steps"]):
@@ -367,9 +369,9 @@ def worker_serve(spec):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from estimator_transfer.data import tfrecords  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import sources  # pylint: disable=g-import-not-at-top
   images = []
-  for path in input_fns.list_tfrecord_files(spec["data"]):
+  for path in sources.list_tfrecord_files(spec["data"]):
     for record in tfrecords.read_records(path, 64):
       example = tf.train.Example.FromString(record)
       images.append(example.features.feature["image/encoded"].bytes_list.value[0])
@@ -585,7 +587,7 @@ def section_serving(args, bench):
 KNOB_RUNS = [
     ("defaults", "all", {}, 0, 0),
     ("--prefetch=0", "all", {"prefetch": 0}, 0, 0),
-    ("--cache_dataset=memory", "all", {"cache": "memory"}, 0, 0),
+    ("--cache=memory", "all", {"cache": "memory"}, 0, 0),
     ("--xla", "all", {"xla": True}, 0, 0),
     ("--mixed_precision=mixed_bfloat16", "all", {"mixed_precision": "mixed_bfloat16"}, 0, 0),
     ("--intra_op_threads=2 --inter_op_threads=1", "all", {}, 2, 1),
@@ -595,7 +597,7 @@ KNOB_RUNS = [
     ("--mixed_precision=mixed_float16", "none", {"mixed_precision": "mixed_float16"}, 0, 0),
     ("--intra_op_threads=2 --inter_op_threads=1", "none", {}, 2, 1),
 ]
-QUICK_KNOBS = ("defaults", "--mixed_precision=mixed_bfloat16", "--cache_dataset=memory")
+QUICK_KNOBS = ("defaults", "--mixed_precision=mixed_bfloat16", "--cache=memory")
 
 
 def section_knobs(args, bench):

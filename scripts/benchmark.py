@@ -113,9 +113,9 @@ def _write_jpeg_records(out_dir, count, source_size, num_shards=4, num_classes=5
 def _pipeline_rate(data, size, augment, batch, batches, seed=1):
   """Images/s of the training input_fn iterated eagerly (after warm-up)."""
   from estimator_transfer.config import InputConfig  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
   config = InputConfig(batch_size=batch, shuffle_buffer=1024, **(AUGMENT if augment else {}))
-  iterator = iter(input_fns.build_input_fn(config, data, size, training=True, seed=seed,
+  iterator = iter(pipeline.build_input_fn(config, data, size, training=True, seed=seed,
                                            num_classes=5)())
   for _ in range(5):
     next(iterator)
@@ -175,7 +175,7 @@ def _training_rate(data, size, backbone, batch, steps, work, in_memory):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from estimator_transfer import config as config_lib  # pylint: disable=g-import-not-at-top
   from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
+  from estimator_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
   model_dir = tempfile.mkdtemp(dir=work)
   cfg = config_lib.ExperimentConfig(
       backbone=config_lib.BackboneConfig(handle=backbone, image_size=size),
@@ -188,7 +188,7 @@ def _training_rate(data, size, backbone, batch, steps, work, in_memory):
   experiment = runner.Experiment(cfg)
   if in_memory:
     # The ideal input: one decoded batch already in memory, repeated.
-    images = next(iter(input_fns.build_input_fn(cfg.input, data, size, training=True,
+    images = next(iter(pipeline.build_input_fn(cfg.input, data, size, training=True,
                                                 seed=1)()))[0]["image"].numpy()
     labels = np.arange(batch, dtype=np.int32) % 5
 

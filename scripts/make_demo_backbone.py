@@ -39,10 +39,9 @@ def build_demo_cnn(image_size=32, name="demo_cnn"):
 
 
 def _dataset(path, image_size, training):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from estimator_transfer.config import InputConfig  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
-  fn = input_fns.build_input_fn(InputConfig(batch_size=32), path, image_size,
+  from estimator_transfer.data import pipeline  # pylint: disable=g-import-not-at-top
+  fn = pipeline.build_input_fn(InputConfig(batch_size=32), path, image_size,
                                 training=training, seed=FLAGS.seed, num_epochs=1)
   return fn().map(lambda f, l: (f["image"], l))
 

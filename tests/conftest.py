@@ -139,6 +139,27 @@ def checkpoint_values(model_dir: str) -> dict:
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
+def initial_checkpoint_values(model_dir: str) -> dict:
+  """name -> value in model.ckpt-0: what training started from.
+
+  Estimator saves it before the first step, after pretrained weights were
+  loaded, so "it trained" and "it stayed frozen" compare with real starting
+  values (a Glorot kernel is never close to 0).
+  """
+  prefix = os.path.join(model_dir, "model.ckpt-0")
+  assert tf.io.gfile.exists(prefix + ".index"), f"no step-0 checkpoint in {model_dir}"
+  reader = tf.train.load_checkpoint(prefix)
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def assert_moved(trained: dict, initial: dict, name: str, min_change: float = 1e-3):
+  """`name` changed from its initial value by more than `min_change` (max abs)."""
+  change = float(np.abs(trained[name] - initial[name]).max())
+  assert change > min_change, \
+      f"{name} moved by at most {change:g} from its initial value (> {min_change:g} expected)"
+  return change
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
   """The real digits demo data and demo backbone, built by the demo scripts.

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from estimator_transfer.model import backbones
 from estimator_transfer.config import BackboneConfig
-from estimator_transfer.data import input_fns
+from estimator_transfer.data import sources
 from estimator_transfer.data import labels as labels_lib
 
 
@@ -21,7 +21,7 @@ def test_digits_are_split_into_old_and_new_classes(demo):
       ["5", "6", "7", "8", "9"]
   assert labels_lib.read_labels_file(
       os.path.join(demo["data"], "pretrain", "train", "labels.txt")) == ["0", "1", "2", "3", "4"]
-  records = input_fns.list_tfrecord_files(os.path.join(finetune, "train"))
+  records = sources.list_tfrecord_files(os.path.join(finetune, "train"))
   count = sum(1 for f in records for _ in tf.data.TFRecordDataset(f))
   assert count == 50  # 10 per class
   folders = sorted(os.listdir(os.path.join(demo["data"], "images", "train")))

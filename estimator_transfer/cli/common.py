@@ -1,4 +1,9 @@
-"""Shared entry-point plumbing: quiet logs, flag parsing, user-error exits."""
+"""Shared entry-point plumbing: quiet logs, flag parsing, user-error exits.
+
+TensorFlow is imported at the top: every et-* script loads it anyway (through
+the library it runs, data/prepare.py included), and cli/__init__.py has set
+TF_CPP_MIN_LOG_LEVEL before.
+"""
 import errno
 import logging
 import os
@@ -7,6 +12,24 @@ import warnings
 
 from absl import app
 from absl import flags
+import tensorflow as tf
+from tensorflow.python.util import deprecation
+
+from estimator_transfer.cluster import tf_config as cluster
+from estimator_transfer.data import bad_records
+from estimator_transfer.errors import ConfigError
+
+# Exit codes. Orchestrators retry by exit code (Kubeflow TFJob restartPolicy
+# ExitCode: 1-127 permanent, 128-255 retryable): a configuration error must
+# not be retried, a lost connection or an unavailable ps should be.
+EXIT_CONFIG_ERROR = 1
+EXIT_TRANSIENT = 138
+_TRANSIENT_ERRNOS = frozenset(filter(None, (
+    getattr(errno, name, None) for name in (
+        "EIO", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED",
+        "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ENETRESET", "ESTALE", "EPIPE"))))
+_TRANSIENT_TF_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                        tf.errors.AbortedError)
 
 
 def quiet_tensorflow() -> None:
@@ -17,8 +40,6 @@ def quiet_tensorflow() -> None:
 
 
 def _setup_logging(verbosity: int) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
   if verbosity < 1:
     deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
     tf.get_logger().setLevel(logging.ERROR)
@@ -33,35 +54,34 @@ def _setup_logging(verbosity: int) -> None:
   log.propagate = False
 
 
-# Exit codes. Orchestrators retry by exit code (Kubeflow TFJob restartPolicy
-# ExitCode: 1-127 permanent, 128-255 retryable): a configuration error must
-# not be retried, a lost connection or an unavailable ps should be.
-EXIT_CONFIG_ERROR = 1
-EXIT_TRANSIENT = 138
-_TRANSIENT_ERRNOS = frozenset(filter(None, (
-    getattr(errno, name, None) for name in (
-        "EIO", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED",
-        "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ENETRESET", "ESTALE", "EPIPE"))))
-
-
 def is_transient(error: BaseException) -> bool:
   """Whether re-running the same command may well succeed (network, storage, peers)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                        tf.errors.AbortedError)):
+  if isinstance(error, _TRANSIENT_TF_ERRORS):
     return True
   if isinstance(error, (ConnectionError, TimeoutError)):
     return True
   return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
 
 
+def _first_line(message) -> str:
+  text = str(message).strip()
+  return text.splitlines()[0] if text else "failed"
+
+
 def fail_transient(prog: str, message: str) -> None:
   """Prints one line to stderr and exits EXIT_TRANSIENT (retry me)."""
-  message = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-  sys.stderr.write(f"{prog}: transient error: {message}; exiting {EXIT_TRANSIENT} so "
-                   "the job is retried (it resumes from the last checkpoint)\n")
+  sys.stderr.write(f"{prog}: transient error: {_first_line(message)}; exiting "
+                   f"{EXIT_TRANSIENT} so the job is retried (it resumes from the last "
+                   "checkpoint)\n")
   sys.stderr.flush()
   sys.exit(EXIT_TRANSIENT)
+
+
+def fail(prog: str, message: str) -> None:
+  """Prints one sentence to stderr and exits 1."""
+  sys.stderr.write(f"{prog}: error: {_first_line(message)}\n")
+  sys.stderr.flush()
+  sys.exit(EXIT_CONFIG_ERROR)
 
 
 def platform_argv(argv):
@@ -71,19 +91,26 @@ def platform_argv(argv):
   flags placed first, so the command line and flagfiles still win; SageMaker's
   `--flag True` for boolean flags becomes `--flag=True`.
   """
-  from estimator_transfer.cluster import tf_config as cluster  # pylint: disable=g-import-not-at-top
   names = list(flags.FLAGS)
   bools = [name for name in names if flags.FLAGS[name].boolean]
   return ([argv[0]] + cluster.platform_fallback_args(defined=names) +
           cluster.join_bool_values(argv[1:], bools))
 
 
-def fail(prog: str, message: str) -> None:
-  """Prints one sentence to stderr and exits 1."""
-  message = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-  sys.stderr.write(f"{prog}: error: {message}\n")
-  sys.stderr.flush()
-  sys.exit(EXIT_CONFIG_ERROR)
+def _fail_if_known(prog: str, e: Exception) -> None:
+  """Exits with one line for an error a user can fix (TF) or a retry may cure (TF, OSError)."""
+  if isinstance(e, tf.errors.InvalidArgumentError):
+    data_error = bad_records.user_error_message(e.message)
+    if data_error:  # a wrong label or a corrupt record, named by the input_fn
+      fail(prog, data_error)
+    if "outside [0," in e.message:
+      fail(prog, e.message.split("Condition")[0].strip().rstrip("."))
+  elif isinstance(e, (tf.errors.NotFoundError, tf.errors.PermissionDeniedError)):
+    fail(prog, f"{e.message.splitlines()[0]}; check the path and its permissions")
+  elif isinstance(e, _TRANSIENT_TF_ERRORS):
+    fail_transient(prog, e.message.splitlines()[0] if e.message else type(e).__name__)
+  elif isinstance(e, OSError) and is_transient(e):
+    fail_transient(prog, str(e) or type(e).__name__)
 
 
 def run_main(prog: str, define_flags, main) -> None:
@@ -102,31 +129,15 @@ def run_main(prog: str, define_flags, main) -> None:
     return rest
 
   def guarded(argv):
-    from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     _setup_logging(flags.FLAGS["verbosity"].value if "verbosity" in flags.FLAGS else 0)
     try:
       main(argv)
     except ConfigError as e:
       fail(prog, e)
-    except tf.errors.InvalidArgumentError as e:
-      from estimator_transfer.data import bad_records  # pylint: disable=g-import-not-at-top
-      data_error = bad_records.user_error_message(e.message)
-      if data_error:  # a wrong label or a corrupt record, named by the input_fn
-        fail(prog, data_error)
-      if "outside [0," in e.message:
-        fail(prog, e.message.split("Condition")[0].strip().rstrip("."))
-      raise
-    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
-      fail(prog, f"{e.message.splitlines()[0]}; check the path and its permissions")
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-            tf.errors.AbortedError) as e:
-      fail_transient(prog, e.message.splitlines()[0] if e.message else type(e).__name__)
-    except OSError as e:
-      if not is_transient(e):
-        raise
-      fail_transient(prog, str(e) or type(e).__name__)
     except KeyboardInterrupt:
       fail(prog, "interrupted; re-run the same command to resume from the last checkpoint")
+    except Exception as e:  # pylint: disable=broad-except  # re-raised unless known
+      _fail_if_known(prog, e)
+      raise
 
   app.run(guarded, flags_parser=parse)

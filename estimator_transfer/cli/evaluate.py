@@ -17,6 +17,11 @@ from absl import flags
 
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.evaluation import export_eval
+from estimator_transfer.evaluation import report as evaluation
+from estimator_transfer.training import early_stopping
+from estimator_transfer.training import experiment as runner
 
 
 def define_evaluate_flags():
@@ -43,12 +48,11 @@ def _print_summary(report, what):
 
 
 def _checkpoint(model_dir: str, value: str):
-  from estimator_transfer.training import continual  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
+  """The checkpoint --checkpoint_path names: None for latest, the best's path for best."""
   if value in ("", "latest"):
     return None
   if value == "best":
-    best = continual.LoopState.load(model_dir).best_path(model_dir)
+    best = early_stopping.LoopState.load(model_dir).best_path(model_dir)
     if not best:
       raise ConfigError(f"{model_dir} has no best checkpoint yet; train with "
                         "--eval_data and --early_stopping_metric, or use "
@@ -57,26 +61,28 @@ def _checkpoint(model_dir: str, value: str):
   return value
 
 
+def _evaluate_export(f) -> None:
+  """et-evaluate --export_path: the export's report, next to its versions by default."""
+  if not f.eval_data:
+    raise ConfigError("--eval_data is required to evaluate an export.")
+  if not os.path.exists(f.export_path):
+    raise ConfigError(f"--export_path={f.export_path} does not exist.")
+  try:
+    report = export_eval.evaluate_export(f.export_path, f.eval_data, f.image_key,
+                                         f.label_key, f.eval_batch_size or f.batch_size)
+  except ValueError as e:
+    raise ConfigError(f"cannot evaluate {f.export_path}: {e}.") from e
+  out = f.eval_output_dir or os.path.dirname(os.path.abspath(report["export"].rstrip("/")))
+  paths = evaluation.write_report(report, out)
+  _print_summary(report, f"export {f.export_path}")
+  print(f"et-evaluate: report {paths['json']}")
+
+
 def main(argv):
   del argv
-  from estimator_transfer.evaluation import report as evaluation  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if f.export_path:
-    if not f.eval_data:
-      raise ConfigError("--eval_data is required to evaluate an export.")
-    if not os.path.exists(f.export_path):
-      raise ConfigError(f"--export_path={f.export_path} does not exist.")
-    try:
-      report = evaluation.evaluate_export(f.export_path, f.eval_data, f.image_key,
-                                          f.label_key, f.eval_batch_size or f.batch_size)
-    except ValueError as e:
-      raise ConfigError(f"cannot evaluate {f.export_path}: {e}.") from e
-    out = f.eval_output_dir or os.path.dirname(os.path.abspath(report["export"].rstrip("/")))
-    paths = evaluation.write_report(report, out)
-    _print_summary(report, f"export {f.export_path}")
-    print(f"et-evaluate: report {paths['json']}")
+    _evaluate_export(f)
     return
   cfg = et_flags.flags_to_config(f)
   experiment = runner.Experiment(cfg)

@@ -8,6 +8,9 @@ from absl import flags
 
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.serving import inspect as inspection
+from estimator_transfer.training import experiment as runner
 
 FLAGS = flags.FLAGS
 
@@ -22,9 +25,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer.serving import inspect as inspection  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   cfg = et_flags.flags_to_config(FLAGS)
   experiment = runner.Experiment(cfg)
 

@@ -12,6 +12,9 @@ anything fails.
 from absl import flags
 
 from estimator_transfer.cli import common
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.serving import inspect as inspection
+from estimator_transfer.serving import versions
 
 FLAGS = flags.FLAGS
 
@@ -28,13 +31,10 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer.serving import export as export_lib  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.serving import inspect as inspection  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if not FLAGS.export_dir:
     raise ConfigError("--export_dir is required: a SavedModel version directory "
                       "or a TF Serving base path.")
-  path = export_lib.latest_version(FLAGS.export_dir)
+  path = versions.latest_version(FLAGS.export_dir)
   print(f"SavedModel {path}")
   print(inspection.format_signatures(inspection.describe(path)), end="")
   if not FLAGS.run:

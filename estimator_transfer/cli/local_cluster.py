@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 from absl import app
 from absl import flags
 
+from estimator_transfer import files
+
 FLAGS = flags.FLAGS
 PROG = "et-local-cluster"
 TASKS_FILENAME = "tasks.json"
@@ -203,55 +205,68 @@ def launch(train_args: List[str], workers: int = 1, ps: int = 1, evaluator: bool
   tasks: List[Task] = []
   chief_code = None
   try:
-    for name, task_type, index in task_list(spec, evaluator):
-      tasks.append(start_task(name, task_type, index, spec, train_args, log_dir))
-    _write_json(os.path.join(log_dir, TASKS_FILENAME), {
-        "cluster": spec, "tasks": {t.name: {"pid": t.process.pid, "log": t.log_path,
-                                            "type": t.task_type, "index": t.index}
-                                   for t in tasks}})
-    _say(f"started {', '.join(t.name for t in tasks)}; logs in {log_dir}")
+    _start_all(spec, evaluator, train_args, log_dir, tasks)
     chief = next(t for t in tasks if t.task_type == "chief")
-    trainers = [t for t in tasks if t.task_type == "worker"]
-    evaluators = [t for t in tasks if t.task_type == "evaluator"]
-    reported = set()
-    while chief.returncode is None and time.time() < deadline:
-      for t in tasks:
-        if t.task_type != "chief" and t.returncode not in (None, 0) and t.name not in reported:
-          reported.add(t.name)
-          _say(f"{t.name} exited with {t.returncode} (see {t.log_path}); the job goes on")
-      time.sleep(0.5)
-    chief_code = chief.returncode
+    chief_code = _watch_chief(chief, tasks, deadline)
     if chief_code is None:
       _say(f"the chief did not finish within {timeout_secs}s; stopping every task")
       return EXIT_TIMEOUT
     _say(f"chief-0 exited with {chief_code}")
     if chief_code == 0:
-      # Workers stop at max_steps on their own; the evaluator once it has
-      # evaluated a checkpoint at max_steps. Both need only the chief's files
-      # and the ps tasks, which are still up.
-      finish = min(deadline, time.time() + finish_grace_secs)
-      if not _wait(trainers + evaluators, finish):
-        late = [t.name for t in trainers + evaluators if t.returncode is None]
-        _say(f"{', '.join(late)} still running {finish_grace_secs}s after the chief; "
-             "stopping them")
+      _let_finish([t for t in tasks if t.task_type in ("worker", "evaluator")],
+                  min(deadline, time.time() + finish_grace_secs), finish_grace_secs)
     return chief_code
   finally:
     for task in reversed(tasks):  # evaluator and workers first, the ps tasks last
       task.stop()
-    summary = summarize(tasks, spec, chief_code)
-    _write_json(os.path.join(log_dir, SUMMARY_FILENAME), summary)
-    for name, entry in summary["tasks"].items():
-      steps = f", {entry['local_steps']} local steps" if entry["local_steps"] is not None \
-          else ""
-      _say(f"{name}: exit {entry['exit_code']}{steps} ({entry['log']})")
-    if summary["metrics"] is not None:
-      _say(f"evaluator metrics: {json.dumps(summary['metrics'], sort_keys=True)}")
+    _report(summarize(tasks, spec, chief_code), log_dir)
 
 
-def _write_json(path: str, data) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+def _start_all(spec, evaluator: bool, train_args: List[str], log_dir: str,
+               tasks: List[Task]) -> None:
+  """Starts every task, appending to `tasks` (so a failed start still stops them)."""
+  for name, task_type, index in task_list(spec, evaluator):
+    tasks.append(start_task(name, task_type, index, spec, train_args, log_dir))
+  files.write_json(os.path.join(log_dir, TASKS_FILENAME), {
+      "cluster": spec, "tasks": {t.name: {"pid": t.process.pid, "log": t.log_path,
+                                          "type": t.task_type, "index": t.index}
+                                 for t in tasks}}, indent=1)
+  _say(f"started {', '.join(t.name for t in tasks)}; logs in {log_dir}")
+
+
+def _watch_chief(chief: Task, tasks: List[Task], deadline: float) -> Optional[int]:
+  """Waits for the chief, reporting other tasks that fail; its code, None at the deadline."""
+  reported = set()
+  while chief.returncode is None and time.time() < deadline:
+    for t in tasks:
+      if t.task_type != "chief" and t.returncode not in (None, 0) and t.name not in reported:
+        reported.add(t.name)
+        _say(f"{t.name} exited with {t.returncode} (see {t.log_path}); the job goes on")
+    time.sleep(0.5)
+  return chief.returncode
+
+
+def _let_finish(tasks: List[Task], until: float, grace_secs: float) -> None:
+  """Gives workers and the evaluator until `until` to finish after the chief.
+
+  Workers stop at max_steps on their own; the evaluator once it has evaluated
+  a checkpoint at max_steps. Both need only the chief's files and the ps
+  tasks, which are still up.
+  """
+  if not _wait(tasks, until):
+    late = [t.name for t in tasks if t.returncode is None]
+    _say(f"{', '.join(late)} still running {grace_secs}s after the chief; stopping them")
+
+
+def _report(summary: dict, log_dir: str) -> None:
+  """Writes summary.json and prints one line per task and the metrics."""
+  files.write_json(os.path.join(log_dir, SUMMARY_FILENAME), summary, indent=1)
+  for name, entry in summary["tasks"].items():
+    steps = f", {entry['local_steps']} local steps" if entry["local_steps"] is not None \
+        else ""
+    _say(f"{name}: exit {entry['exit_code']}{steps} ({entry['log']})")
+  if summary["metrics"] is not None:
+    _say(f"evaluator metrics: {json.dumps(summary['metrics'], sort_keys=True)}")
 
 
 def main(train_args: List[str]) -> None:

@@ -17,6 +17,10 @@ from absl import flags
 
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.serving import exporters
+from estimator_transfer.serving import predictor as predict
+from estimator_transfer.training import experiment as runner
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("estimator_transfer")
@@ -36,8 +40,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer.serving import predictor as predict  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if not FLAGS.predict_data:
     raise ConfigError("--predict_data is required: an image, a folder or TFRecords.")
   if not FLAGS.output:
@@ -64,10 +66,6 @@ def main(argv):
 
 def _predictor():
   """(Predictor, tf.Example image key) from --export_dir or --model_dir."""
-  from estimator_transfer.serving import exporters  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.serving import predictor as predict  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.training import experiment as runner  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
   if FLAGS["export_dir"].present:
     if FLAGS["model_dir"].present:
       raise ConfigError("give either --export_dir (an export) or --model_dir (a "

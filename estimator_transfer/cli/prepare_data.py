@@ -2,6 +2,7 @@
 from absl import flags
 
 from estimator_transfer.cli import common
+from estimator_transfer.data import prepare
 
 FLAGS = flags.FLAGS
 
@@ -10,8 +11,7 @@ def define_flags() -> None:
   """Defines et-prepare-data's own flags (idempotent)."""
   if "image_dir" in FLAGS:
     return
-  from estimator_transfer.data.prepare import PrepareConfig  # pylint: disable=g-import-not-at-top
-  d = PrepareConfig()
+  d = prepare.PrepareConfig()
   flags.DEFINE_string("image_dir", None, "Folder with one sub-folder of images per "
                       "class (nested folders belong to their class).")
   flags.DEFINE_string("output_dir", None, "Where train/, validation/, test/ shards, "
@@ -39,7 +39,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from estimator_transfer.data import prepare  # pylint: disable=g-import-not-at-top
   config = prepare.PrepareConfig(
       image_dir=FLAGS.image_dir or "", output_dir=FLAGS.output_dir or "",
       num_shards=FLAGS.num_shards, validation_percent=FLAGS.validation_percent,

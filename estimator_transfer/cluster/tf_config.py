@@ -15,8 +15,9 @@ TF_CONFIG environment variable tells each one its role:
              is NOT part of the training cluster spec (listed there anyway by
              some platforms: it is then dropped from what the trainers see)
 
-Without TF_CONFIG, or with a cluster of one chief only, a job runs locally
-(et-train's own training loop).
+Without TF_CONFIG, or with a cluster of one chief only, a job runs locally.
+What each role runs is in `cluster.roles`; every role goes through the one
+training loop (`training.loop`).
 
 `--distribution` picks how the trainers cooperate (TF 2.15 Estimator):
 
@@ -60,8 +61,6 @@ CHIEF, MASTER, WORKER, PS, EVALUATOR, LOCAL = (
     "chief", "master", "worker", "ps", "evaluator", "local")
 TRAINING_JOBS = (CHIEF, MASTER, WORKER, PS)
 TASK_TYPES = TRAINING_JOBS + (EVALUATOR,)
-# Per-task step records (written by runner's TaskStepsHook) live here.
-TASKS_DIRNAME = "cluster"
 
 # flag -> environment variables that stand in for it, first set wins.
 PLATFORM_FALLBACKS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
@@ -317,60 +316,6 @@ def _is_shared_path(path: str) -> bool:
   return "://" in path
 
 
-def describe(task: Task, distribution: str, max_steps: int, model_dir: str,
-             export_dir: str = "", eval_data: str = "") -> List[str]:
-  """Human-readable lines: what this task will do (for `--check_cluster`)."""
-  lines = []
-  if task.cluster:
-    jobs = ", ".join(f"{job} x{len(a)}" for job, a in sorted(task.cluster.items()))
-    note = " (evaluator listed in the cluster: dropped, it is not part of it)" \
-        if task.dropped_evaluator else ""
-    lines.append(f"cluster: {jobs}{note}")
-  if task.is_local:
-    lines.append("this task: local (no cluster): et-train's local loop trains in "
-                 "this process")
-  else:
-    where = f" at {task.address}" if task.address else ""
-    lines.append(f"this task: {task.task_type} {task.index}{where}")
-  lines.append(f"distribution: {distribution}: {_distribution_words(task, distribution)}")
-  role = task.task_type
-  if task.trains:
-    what = f"trains until global step {max_steps}"
-    if task.is_chief:
-      what += f"; writes checkpoints and summaries to {model_dir}"
-      if task.is_local and eval_data:
-        what += (f"; evaluates {eval_data} as --eval_every_steps / "
-                 "--early_stopping_metric ask")
-      what += (f"; exports to {export_dir} at the end" if export_dir
-               else "; no export (no --export_dir)")
-    else:
-      what += "; no checkpoints, summaries or exports (the chief's job)"
-    lines.append(f"will: {what}")
-  elif role == PS:
-    lines.append("will: serve variables until the job stops it (a ps never exits)")
-  elif role == EVALUATOR:
-    lines.append(f"will: evaluate {eval_data or '(no --eval_data!)'} on each new "
-                 f"checkpoint in {model_dir} until one reaches step {max_steps}; "
-                 "writes eval_results.json there")
-  lines.append(f"model_dir: {model_dir}")
-  return lines
-
-
-def _distribution_words(task: Task, distribution: str) -> str:
-  if distribution == "none":
-    if task.is_local or not task.num_ps:
-      return "one device, no strategy"
-    return (f"asynchronous between-graph replication, variables on {task.num_ps} ps "
-            "task(s)")
-  return {
-      "mirrored": "synchronous in-graph replication over this machine's devices",
-      "multi_worker_mirrored": (f"synchronous all-reduce over {task.num_trainers} "
-                                "trainer(s)"),
-      "parameter_server": (f"parameter-server strategy over {task.num_ps} ps "
-                           "task(s) (distribute coordinator)"),
-  }[distribution]
-
-
 @contextlib.contextmanager
 def tf_config_env(task: Task, environ=None):
   """Shows Estimator the normalised TF_CONFIG of `task` within the block.
@@ -408,7 +353,7 @@ def session_config(task: Task, distribution: str, intra_op_threads: int = 0,
   device setter put on a ps; without it the session fails with "Assigned
   device '/job:ps/...' does not match any device".
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy: parsing stays TF-free
   config = tf.compat.v1.ConfigProto(
       intra_op_parallelism_threads=intra_op_threads,
       inter_op_parallelism_threads=inter_op_threads,
@@ -434,7 +379,7 @@ def build_strategy(distribution: str, task: Task):
   """
   if distribution == "none" or task.task_type in (PS, EVALUATOR):
     return None  # a ps only serves; the evaluator evaluates on its own
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy: parsing stays TF-free
   if distribution == "mirrored":
     return tf.compat.v1.distribute.MirroredStrategy()
   if task.is_local:
@@ -494,8 +439,3 @@ def join_bool_values(argv: Sequence[str], bool_flags: Sequence[str]) -> List[str
     out.append(arg)
     i += 1
   return out
-
-
-def task_steps_path(model_dir: str, task: Task) -> str:
-  """Where a training task records how many steps it ran (see runner)."""
-  return os.path.join(model_dir, TASKS_DIRNAME, f"{task.name}.json")

@@ -89,6 +89,7 @@ def wrap_model_fn(model_fn):
     during the evaluation pass), training summary `bad_records` and a
     training hook that logs the count when it grows.
   """
+  # Heavy: loads the Estimator package, which the input pipeline never needs.
   from tensorflow_estimator.python.estimator import util as estimator_util  # pylint: disable=g-import-not-at-top
   inner_args = estimator_util.fn_args(model_fn)
 
@@ -109,8 +110,21 @@ def wrap_model_fn(model_fn):
       metrics[METRIC_KEY] = (counter.read_value(), tf.no_op())
       fields["eval_metric_ops"] = metrics
     else:
-      tf.compat.v1.summary.scalar(METRIC_KEY, counter.read_value())
+      _add_training_summary(counter)
       fields["training_hooks"] = list(spec.training_hooks) + [BadRecordLogHook(counter)]
     return tf.estimator.EstimatorSpec(**fields)
 
   return wrapped_model_fn
+
+
+def _add_training_summary(counter) -> None:
+  """The training scalar, tagged exactly `bad_records` like the eval metric.
+
+  tf.compat.v1.summary.scalar would tag it with its (uniquified) op name,
+  `bad_records_1` next to the counter variable `bad_records`, so TensorBoard
+  would not draw train and eval on one chart.
+  """
+  summary = tf.raw_ops.ScalarSummary(tags=tf.constant(METRIC_KEY),
+                                     values=counter.read_value(),
+                                     name=f"{METRIC_KEY}_summary")
+  tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.SUMMARIES, summary)

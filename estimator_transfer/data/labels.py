@@ -4,25 +4,54 @@ from typing import List, Optional
 
 import tensorflow as tf
 
+from estimator_transfer import files
 from estimator_transfer.errors import ConfigError
 
 LABELS_FILENAME = "labels.txt"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
-def read_labels_file(path: str) -> List[str]:
-  """Reads one class name per line (line i is class id i)."""
+def _read_names(path: str) -> List[str]:
   with tf.io.gfile.GFile(path) as f:
-    names = [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in f if line.strip()]
+
+
+def read_labels_file(path: str) -> List[str]:
+  """Reads one class name per line (line i is class id i).
+
+  Raises:
+    ConfigError: a class name is listed twice.
+  """
+  names = _read_names(path)
   if len(set(names)) != len(names):
     raise ConfigError(f"{path} lists a class name twice; each line must be a "
                       "distinct class.")
   return names
 
 
+def _require_label_map(path: str) -> None:
+  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+    raise ConfigError(f"--label_map={path} does not exist; give a text "
+                      "file with one class name per line.")
+
+
+def read_label_map(path: str) -> List[str]:
+  """Reads a --label_map file that must name at least one class.
+
+  Raises:
+    ConfigError: the file is missing, empty or lists a class twice.
+  """
+  _require_label_map(path)
+  names = _read_names(path)
+  if len(set(names)) != len(names) or not names:
+    raise ConfigError(f"--label_map={path} is empty or lists a class twice; give "
+                      "one distinct class name per line.")
+  return names
+
+
 def write_labels_file(path: str, names) -> None:
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write("".join(f"{n}\n" for n in names))
+  """Writes `names` one per line (line i is class id i), atomically."""
+  files.write_atomically(path, "".join(f"{n}\n" for n in names))
 
 
 def is_image_folder(path: str) -> bool:
@@ -80,9 +109,7 @@ def class_names_for(data: str, label_map: str = "") -> Optional[List[str]]:
   labels.txt next to them).
   """
   if label_map:
-    if not tf.io.gfile.exists(label_map):
-      raise ConfigError(f"--label_map={label_map} does not exist; give a text "
-                        "file with one class name per line.")
+    _require_label_map(label_map)
     return read_labels_file(label_map)
   if not data:
     return None

@@ -2,16 +2,17 @@
 
 The numbers come from a confusion matrix accumulated in the eval graph (one
 pass over the data, see `model.metrics.confusion_matrix_metric`), so a report costs no
-second pass; the same report can be built for an exported SavedModel.
+second pass; the same report is built for an exported SavedModel by
+`evaluation.export_eval`.
 """
+import io
 import json
 import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
 
-from estimator_transfer.model import metrics
+from estimator_transfer import files
 
 REPORT_FILENAME = "eval_results.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -35,6 +36,9 @@ def full_report(result: Mapping, class_names: Sequence[str],
     class_names: the model's class names.
     checkpoint_path: what was evaluated, recorded in the report.
     data: the evaluation data, recorded in the report.
+
+  Returns:
+    The report dict (`write_report` writes it).
   """
   report = scalar_metrics(result)
   matrix = result.get("confusion_matrix")
@@ -87,26 +91,47 @@ def classification_report(matrix: np.ndarray, class_names: Sequence[str]) -> Dic
 
 
 def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
-  """Writes eval_results.json and confusion_matrix.png atomically into `out_dir`."""
-  tf.io.gfile.makedirs(out_dir)
+  """Writes eval_results.json and confusion_matrix.png atomically into `out_dir`.
+
+  Args:
+    report: a `full_report` / `classification_report` dict; the PNG is drawn
+      only when it has a confusion matrix.
+    out_dir: the directory (created when missing).
+
+  Returns:
+    {"json": path} plus {"png": path} when a PNG was written.
+  """
   json_path = os.path.join(out_dir, REPORT_FILENAME)
-  with tf.io.gfile.GFile(json_path + ".tmp", "w") as f:
-    f.write(json.dumps(report, indent=2, sort_keys=True))
-  tf.io.gfile.rename(json_path + ".tmp", json_path, overwrite=True)
+  files.write_atomically(json_path, json.dumps(report, indent=2, sort_keys=True))
   paths = {"json": json_path}
   if report.get("confusion_matrix"):
     png_path = os.path.join(out_dir, CONFUSION_PNG)
     render_confusion_png(np.asarray(report["confusion_matrix"]), report["class_names"],
-                         png_path + ".tmp")
-    tf.io.gfile.rename(png_path + ".tmp", png_path, overwrite=True)
+                         png_path)
     paths["png"] = png_path
   return paths
 
 
 def render_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: str,
                          cell: Optional[int] = None) -> None:
-  """Draws a row-normalised confusion matrix heat map with counts, as PNG."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  """Writes `confusion_png` of the matrix to `path`, atomically."""
+  files.write_atomically(path, confusion_png(matrix, class_names, cell))
+
+
+def confusion_png(matrix: np.ndarray, class_names: Sequence[str],
+                  cell: Optional[int] = None) -> bytes:
+  """A row-normalised confusion matrix heat map with counts, as PNG bytes.
+
+  Args:
+    matrix: int [C, C], rows true class, columns predicted class.
+    class_names: C names (row and column labels, cut to 20 characters).
+    cell: the side of one cell in pixels; by default it shrinks with C.
+
+  Returns:
+    The encoded PNG: diagonal cells blue, off-diagonal ones red, darker for a
+    larger share of the row.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top  # optional: Pillow
   n = matrix.shape[0]
   cell = cell or max(18, min(48, 720 // max(n, 1)))
   label_w = min(160, 8 + 7 * max((len(str(c)) for c in class_names), default=1))
@@ -131,94 +156,6 @@ def render_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: s
       if cell >= 18 and matrix[i, j]:
         draw.text((box[0] + 3, box[1] + cell // 2 - 5), str(int(matrix[i, j])),
                   fill="black" if shade > 110 else "white")
-  with tf.io.gfile.GFile(path, "wb") as f:
-    image.save(f, format="PNG")
-
-
-def labelled_images(data: str, image_key: str, label_key: str):
-  """Yields (encoded image bytes, class id) from TFRecords or an image folder."""
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  if labels_lib.is_image_folder(data):
-    files, ids, _ = input_fns.list_image_folder(data)
-    for path, label in zip(files, ids):
-      with tf.io.gfile.GFile(path, "rb") as f:
-        yield f.read(), label
-    return
-  keys = {image_key: tf.io.FixedLenFeature([], tf.string),
-          label_key: tf.io.FixedLenFeature([], tf.int64)}
-  for path in input_fns.list_tfrecord_files(data):
-    for record in tf.compat.v1.io.tf_record_iterator(path):
-      example = tf.train.Example.FromString(record)
-      feature = example.features.feature
-      if image_key not in feature or label_key not in feature:
-        continue
-      yield feature[image_key].bytes_list.value[0], int(feature[label_key].int64_list.value[0])
-
-
-def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded",
-                    label_key: str = "image/class/label", batch_size: int = 32) -> Dict:
-  """Evaluates an exported SavedModel through its image-bytes signature.
-
-  The images go through the export's own decoding and resizing, as TF Serving
-  would run them; undecodable images are counted in `skipped_examples`.
-
-  Returns:
-    A report like `full_report` (accuracy, top-k, loss, per-class numbers).
-  """
-  from estimator_transfer.serving import predictor as predict  # pylint: disable=g-import-not-at-top
-  predictor = predict.Predictor.from_saved_model(export_path)
-  names = predictor.class_names
-  probabilities, labels, skipped = [], [], 0
-  batch, batch_labels = [], []
-
-  def flush():
-    nonlocal skipped
-    if not batch:
-      return
-    try:
-      probabilities.append(predictor(batch)["probabilities"])
-      labels.extend(batch_labels)
-    except tf.errors.InvalidArgumentError:
-      for image, label in zip(batch, batch_labels):  # find the bad one(s)
-        try:
-          probabilities.append(predictor([image])["probabilities"])
-          labels.append(label)
-        except tf.errors.InvalidArgumentError:
-          skipped += 1
-    batch.clear()
-    batch_labels.clear()
-
-  try:
-    for image, label in labelled_images(data, image_key, label_key):
-      batch.append(image)
-      batch_labels.append(label)
-      if len(batch) == batch_size:
-        flush()
-    flush()
-  finally:
-    predictor.close()
-  if not labels:
-    raise ValueError(f"no labelled, decodable examples in {data}")
-  probs = np.concatenate(probabilities)
-  labels = np.asarray(labels)
-  num_classes = probs.shape[1]
-  if labels.max() >= num_classes:
-    raise ValueError(f"{data} has label {labels.max()} but the export has "
-                     f"{num_classes} classes")
-  predicted = probs.argmax(axis=1)
-  matrix = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(matrix, (labels, predicted), 1)
-  result = {"confusion_matrix": matrix,
-            "loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels],
-                                                  1e-12, 1.0))))}
-  k = metrics.top_k_for(num_classes)
-  if k > 1:
-    top = np.argsort(-probs, axis=1)[:, :k]
-    result[f"top_{k}_accuracy"] = float(np.mean([l in row for l, row in zip(labels, top)]))
-  result["accuracy"] = float(np.mean(predicted == labels))
-  report = full_report(result, names or [str(i) for i in range(num_classes)],
-                       data=data)
-  report["export"] = export_path
-  report["skipped_examples"] = skipped
-  return report
+  out = io.BytesIO()
+  image.save(out, format="PNG")
+  return out.getvalue()

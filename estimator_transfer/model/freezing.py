@@ -22,14 +22,37 @@ Gradual unfreezing (`parse_schedule`) switches specs at global steps:
 Selection is by object identity on the layers, never by variable-name prefix:
 in graph mode Keras variable names often carry no model prefix. Names are only
 used to *read* a spec (until:, regex:), matched against each layer's own name.
+
+`resolve` and `frozen_mask` apply one spec to (name, variable names) pairs;
+`resolve_stages`, `stage_variables` and `union_trainable` apply a whole freeze
+plan (one spec per unfreeze stage) to a backbone's `LayerGroup`s and hand back
+the variable objects themselves.
 """
 import dataclasses
 import difflib
 import re
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from estimator_transfer.errors import ConfigError
 from estimator_transfer import specs
+
+
+@dataclasses.dataclass
+class LayerGroup:
+  """One freezable unit of a backbone, in forward order."""
+  name: str
+  variables: list
+  layer: object = None  # the Keras layer, when there is one
+  trainable_variables: Optional[list] = None  # those a freeze spec may train
+
+
+@dataclasses.dataclass
+class StageVariables:
+  """The backbone's trainable set during one stage of a freeze plan."""
+  start: int  # first global step of the stage
+  spec: str
+  frozen: List[bool]  # per group: frozen (inference mode) in this stage
+  trainable_variables: list
 
 
 @dataclasses.dataclass
@@ -116,3 +139,43 @@ def frozen_mask(spec: specs.FreezeSpec, layer_names: Sequence[str]) -> List[bool
     raise ConfigError("--freeze=last:0 leaves nothing of the backbone trainable; "
                       "use --freeze=all for a frozen backbone.")
   return [i < n - spec.count for i in range(n)]
+
+
+def var_name(var) -> str:
+  """A variable's name without the `:0` output suffix (what specs match)."""
+  name = var.name
+  return name[:-2] if name.endswith(":0") else name
+
+
+def resolve_stages(stages: Sequence[specs.Stage], groups: Sequence[LayerGroup]
+                   ) -> List[Resolution]:
+  """Applies every stage's spec to the groups (by their own names).
+
+  A group's `trainable_variables` may hold variables or, before the module is
+  built (TF1 Hub), their names.
+  """
+  names = [(g.name, [var_name(v) if not isinstance(v, str) else v
+                     for v in g.trainable_variables or []]) for g in groups]
+  return [resolve(stage.spec, names) for stage in stages]
+
+
+def stage_variables(stages: Sequence[specs.Stage], resolved: Sequence[Resolution],
+                    groups: Sequence[LayerGroup]) -> List[StageVariables]:
+  """Per stage, the variables of `groups` that train in it."""
+  out = []
+  for stage, r in zip(stages, resolved):
+    variables = [v for g, flags in zip(groups, r.frozen_variables)
+                 for v, frozen in zip(g.trainable_variables or [], flags) if not frozen]
+    out.append(StageVariables(int(stage.start), str(stage.spec), list(r.frozen_layers),
+                              variables))
+  return out
+
+
+def union_trainable(resolved: Sequence[Resolution], groups: Sequence[LayerGroup]) -> list:
+  """Variables trained in at least one stage, in group order."""
+  out = []
+  for i, g in enumerate(groups):
+    for j, v in enumerate(g.trainable_variables or []):
+      if any(not r.frozen_variables[i][j] for r in resolved):
+        out.append(v)
+  return out

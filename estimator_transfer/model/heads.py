@@ -219,7 +219,3 @@ def build_head(config: HeadConfig, class_weights: Optional[Sequence[float]] = No
     A Head.
   """
   return Head(config, class_weights, seed)
-
-
-# Kept for callers of the first version.
-ClassificationHead = Head

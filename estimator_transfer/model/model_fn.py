@@ -1,4 +1,10 @@
-"""The model_fn factory: backbone + head + freeze + schedule -> EstimatorSpec."""
+"""The model_fn factory: backbone + head + freeze + schedule -> EstimatorSpec.
+
+`build_model_fn` returns the model_fn; each mode's spec is built by a helper:
+`_predict_spec` (outputs and export signatures), the head's eval metrics, and
+`_train_spec` / `_train_op` (weight decay, learning-rate schedule, explicit
+var_lists per unfreeze stage, BatchNorm updates, EMA).
+"""
 import contextlib
 import json
 import logging
@@ -7,26 +13,29 @@ from typing import Optional
 
 import tensorflow as tf
 
-from estimator_transfer.model import backbones
-from estimator_transfer.model import heads
-from estimator_transfer.training import hooks
-from estimator_transfer.model import optimizers
-from estimator_transfer.model import schedules
-from estimator_transfer.errors import ConfigError
+from estimator_transfer import files
+from estimator_transfer import specs
 from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.data import bad_records
-from estimator_transfer import specs
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.model import backbone_types
+from estimator_transfer.model import backbones
+from estimator_transfer.model import freezing
+from estimator_transfer.model import heads
+from estimator_transfer.model import optimizers
+from estimator_transfer.model import schedules
+from estimator_transfer.model import training_setup
 
 ModeKeys = tf.estimator.ModeKeys
 IMAGE_KEY = "image"
 NUMERIC_KEY = "features"  # CSV / array inputs (data.input_fns.NUMERIC_FEATURE)
-CACHED_FEATURES_KEY = "backbone_features"  # feature-cache mode (feature_cache.py)
+CACHED_FEATURES_KEY = "backbone_features"  # feature-cache mode (feature_cache/)
 VARIABLES_FILENAME = "trainable_variables.json"
 log = logging.getLogger("estimator_transfer")
 
 
 def build_model_fn(config: ExperimentConfig,
-                   resolved: Optional[backbones.ResolvedBackbone] = None):
+                   resolved: Optional[backbone_types.ResolvedBackbone] = None):
   """Returns a model_fn for `tf.compat.v1.estimator.Estimator`.
 
   Args:
@@ -50,138 +59,58 @@ def build_model_fn(config: ExperimentConfig,
     raise ConfigError("the number of classes is unknown; set --num_classes or "
                       "give data with a label map (labels.txt or class folders).")
   resolved = resolved or backbones.resolve(config.backbone)
-  training_setup = _TrainingSetup(config)
+  setup = training_setup.TrainingSetup(config)
 
   def model_fn(features, labels, mode, params=None):
+    del params  # everything comes from `config`
     # --xla compiles the training step only: exported graphs must not ask
     # TF Serving for XLA, and evaluation runs too few steps to repay it.
     with _xla_scope(config.run.xla and mode == ModeKeys.TRAIN):
-      return _model_spec(features, labels, mode)
-
-  def _model_spec(features, labels, mode):
-    training = mode == ModeKeys.TRAIN
-    plan = training_setup.freeze_plan() if training else \
-        specs.parse_schedule(config.freeze.unfreeze_schedule, config.freeze.spec)
-    if not training:
-      # Only the union of trained variables matters outside training; any
-      # increasing starts do (epoch starts need the data counted).
-      plan = [specs.Stage(i, stage.spec) for i, stage in enumerate(plan)]
-    if isinstance(features, dict) and CACHED_FEATURES_KEY in features:
-      backbone = _cached_backbone(features[CACHED_FEATURES_KEY])
-    else:
-      images = _model_input(features)
-      if training and images.shape.rank == 4:
-        _input_summaries(config, images, labels)
-      backbone = resolved.instantiate(images, plan, training,
-                                      policy=config.run.mixed_precision)
-    head = heads.build_head(config.head, training_setup.class_weights() if training
-                            else None, seed=config.run.seed)
-    logits = head(backbone.features, training)
-    if mode == ModeKeys.PREDICT:
-      return _predict_spec(config, logits, backbone.features,
-                           _eval_scaffold(config, backbone, head))
-    loss = _loss(head, labels, logits, backbone.losses)
-    if mode == ModeKeys.EVAL:
-      return tf.estimator.EstimatorSpec(
-          mode, loss=loss, eval_metric_ops=head.eval_metric_ops(labels, logits),
-          scaffold=_eval_scaffold(config, backbone, head))
-    decay = optimizers.weight_decay_loss(
-        config.optimizer, _unique(backbone.trainable_variables + head.trainable_weights))
-    if decay is not None:
-      loss = tf.add(loss, decay, name="total_loss")
-    train_op, init_fn = _train_op(config, loss, backbone, head,
-                                  training_setup.lr_boundaries())
-    scaffold = tf.compat.v1.train.Scaffold(init_fn=init_fn) if init_fn else None
-    progress = hooks.ProgressHook(loss, config.run.max_steps, config.input.batch_size,
-                                  config.run.log_every_steps, config.run.model_dir)
-    return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
-                                      scaffold=scaffold, training_hooks=[progress])
+      return _model_spec(config, resolved, setup, features, labels, mode)
 
   # Adds the input pipeline's skipped-record count (eval metric, log, summary).
   return bad_records.wrap_model_fn(model_fn)
 
 
-class _TrainingSetup:
-  """Derived training values, computed once, when the train graph is built.
-
-  Epoch boundaries need the epoch size and `balanced` class weights the class
-  counts: the training data is counted (once) only when one of them needs
-  it, and only for training, so et-evaluate and et-export never read it.
-  """
-
-  def __init__(self, config: ExperimentConfig):
-    self._config = config
-    self._counts = None
-
-  def _data_counts(self):
-    if self._counts is None:
-      self._counts = count_training_data(self._config)
-    return self._counts
-
-  def steps_per_epoch(self) -> Optional[float]:
-    c = self._config
-    size = c.schedule.train_size
-    if not size and (specs.needs_epoch_size(c.schedule.boundaries) or any(
-        isinstance(s.start, str) for s in specs.parse_schedule(
-            c.freeze.unfreeze_schedule, c.freeze.spec))):
-      size = self._data_counts()[0]
-    return specs.steps_per_epoch(size, c.input.batch_size) if size else None
-
-  def lr_boundaries(self):
-    return specs.resolve_boundaries(self._config.schedule.boundaries,
-                                        self.steps_per_epoch())
-
-  def freeze_plan(self):
-    c = self._config.freeze
-    stages = specs.parse_schedule(c.unfreeze_schedule, c.spec)
-    return specs.resolve_plan_steps(stages, self.steps_per_epoch())
-
-  def class_weights(self):
-    h = self._config.head
-    weights = specs.parse_class_weights(h.class_weights, h.num_classes)
-    if weights == specs.BALANCED:
-      weights = heads.balanced_class_weights(self._data_counts()[1])
-      log.info("class weights (balanced): %s", ", ".join(f"{w:.4g}" for w in weights))
-    return weights
+def _model_spec(config, resolved, setup, features, labels, mode):
+  """The EstimatorSpec of `mode`: backbone -> head -> predict, eval or train."""
+  training = mode == ModeKeys.TRAIN
+  backbone = _backbone(config, resolved, setup, features, labels, training)
+  head = heads.build_head(config.head, setup.class_weights() if training else None,
+                          seed=config.run.seed)
+  logits = head(backbone.features, training)
+  if mode == ModeKeys.PREDICT:
+    return _predict_spec(config, logits, backbone.features,
+                         _eval_scaffold(config, backbone, head))
+  loss = _loss(head, labels, logits, backbone.losses)
+  if mode == ModeKeys.EVAL:
+    return tf.estimator.EstimatorSpec(
+        mode, loss=loss, eval_metric_ops=head.eval_metric_ops(labels, logits),
+        scaffold=_eval_scaffold(config, backbone, head))
+  return _train_spec(config, setup, loss, backbone, head)
 
 
-def count_training_data(config: ExperimentConfig):
-  """Counts `input.train_data`: (examples, per-class label counts).
+def _backbone(config, resolved, setup, features, labels, training):
+  """The backbone applied to the input (or the cached features of its frozen run)."""
+  plan = _freeze_plan(config, setup, training)
+  if isinstance(features, dict) and CACHED_FEATURES_KEY in features:
+    # Feature-cache mode: the frozen backbone already ran (feature_cache/);
+    # nothing of it is in the graph, so only the head trains and is saved.
+    return backbone_types.no_backbone_output(features[CACHED_FEATURES_KEY])
+  images = _model_input(features)
+  if training and images.shape.rank == 4:
+    _input_summaries(config, images, labels)
+  return resolved.instantiate(images, plan, training, policy=config.run.mixed_precision)
 
-  TFRecords are read record by record in Python (no graph needed), parsing
-  only the label; multi-label lists count once per listed class.
 
-  Raises:
-    ConfigError: no training data to count.
-  """
-  from estimator_transfer.data import input_fns  # pylint: disable=g-import-not-at-top
-  from estimator_transfer.data import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  data = config.input.train_data
-  if not data:
-    raise ConfigError("the epoch size or class counts are needed but there is no "
-                      "--train_data to count; set --train_size or explicit "
-                      "--class_weights.")
-  num_classes = max(config.head.num_classes, 1)
-  counts = [0] * num_classes
-  if labels_lib.is_image_folder(data):
-    _, ids, _ = input_fns.list_image_folder(data)
-    for i in ids:
-      if 0 <= i < num_classes:
-        counts[i] += 1
-    total = len(ids)
-  else:
-    total = 0
-    key = config.input.label_key
-    for path in input_fns.list_tfrecord_files(data):
-      for record in tf.compat.v1.io.tf_record_iterator(path):
-        total += 1
-        feature = tf.train.Example.FromString(record).features.feature.get(key)
-        for i in (feature.int64_list.value if feature is not None else ()):
-          if 0 <= i < num_classes:
-            counts[i] += 1
-  log.info("counted %d training examples in %s (per class: %s); --train_size "
-           "skips the count.", total, data, counts)
-  return total, counts
+def _freeze_plan(config, setup, training):
+  """The unfreeze stages: with step starts for training, in order otherwise."""
+  if training:
+    return setup.freeze_plan()
+  # Only the union of trained variables matters outside training; any
+  # increasing starts do (epoch starts need the data counted).
+  plan = specs.parse_schedule(config.freeze.unfreeze_schedule, config.freeze.spec)
+  return [specs.Stage(i, stage.spec) for i, stage in enumerate(plan)]
 
 
 def _model_input(features):
@@ -213,18 +142,6 @@ def _input_summaries(config, images, labels, count: int = 3):
   tf.compat.v1.summary.text("input_labels", text)
 
 
-def _cached_backbone(features) -> backbones.BackboneOutput:
-  """Feature-cache mode: the frozen backbone already ran (feature_cache.py).
-
-  `features` are its float [batch, D] outputs; nothing of it is in the graph,
-  so nothing of it trains, updates or is checkpointed: only the head.
-  """
-  frozen = backbones.StageVariables(0, "all", [], [])
-  return backbones.BackboneOutput(tf.cast(features, tf.float32), groups=[],
-                                  stages=[frozen], trainable_variables=[],
-                                  update_ops=[], losses=[])
-
-
 def _loss(head, labels, logits, extra_losses):
   """The head's mean loss plus the backbone's regularization losses."""
   loss = head.loss(labels, logits)
@@ -238,8 +155,22 @@ def _eval_scaffold(config, backbone, head):
   ema = optimizers.build_ema(config.optimizer)
   if ema is None:
     return None
-  variables = _unique(backbone.trainable_variables + head.trainable_weights)
+  variables = optimizers.unique(backbone.trainable_variables + head.trainable_weights)
   return tf.compat.v1.train.Scaffold(saver=optimizers.ema_restore_saver(ema, variables))
+
+
+def _train_spec(config, setup, loss, backbone, head):
+  """TRAIN spec: weight decay, the train op, pretrained-weight init."""
+  decay = optimizers.weight_decay_loss(
+      config.optimizer, optimizers.unique(backbone.trainable_variables +
+                                          head.trainable_weights))
+  if decay is not None:
+    loss = tf.add(loss, decay, name="total_loss")
+  train_op, init_fn = _train_op(config, loss, backbone, head, setup.lr_boundaries())
+  scaffold = tf.compat.v1.train.Scaffold(init_fn=init_fn) if init_fn else None
+  # The training loop adds the progress log and the NaN/Inf guard around it.
+  return tf.estimator.EstimatorSpec(ModeKeys.TRAIN, loss=loss, train_op=train_op,
+                                    scaffold=scaffold)
 
 
 def _train_op(config, loss, backbone, head, boundaries):
@@ -250,26 +181,41 @@ def _train_op(config, loss, backbone, head, boundaries):
       global_step, boundaries, s.values, s.warmup_steps)
   tf.compat.v1.summary.scalar("learning_rate", learning_rate)
   head_vars = list(head.trainable_weights)
-  for stage in backbone.stages:
-    if not stage.trainable_variables and not all(stage.frozen):
-      raise ConfigError(
-          f"--freeze={stage.spec} should train part of the backbone but "
-          f"{config.backbone.handle} exposes no trainable variables there; use "
-          "--freeze=all, or a module/model with trainable weights.")
-  stage_lists = [_unique(st.trainable_variables + head_vars) for st in backbone.stages]
-  var_list = _unique(backbone.trainable_variables + head_vars)
-  names = {id(v): "backbone/" + backbones._var_name(v) for v in backbone.trainable_variables}  # pylint: disable=protected-access
-  names.update({id(v): "head/" + backbones._var_name(v) for v in head_vars})  # pylint: disable=protected-access
+  _check_stages_expose_variables(config, backbone)
+  # Explicit var_lists: hub.KerasLayer variables are not in the graph's
+  # TRAINABLE_VARIABLES collection, so nothing may rely on it.
+  stage_lists = [optimizers.unique(st.trainable_variables + head_vars)
+                 for st in backbone.stages]
+  var_list = optimizers.unique(backbone.trainable_variables + head_vars)
+  names = {id(v): "backbone/" + freezing.var_name(v) for v in backbone.trainable_variables}
+  names.update({id(v): "head/" + freezing.var_name(v) for v in head_vars})
   multipliers = specs.parse_multipliers(s.lr_multipliers)
   factors = {id(v): specs.multiplier_for(names[id(v)], multipliers) for v in var_list}
   _record_variables(config, backbone, var_list, stage_lists, names, factors)
-  update_ops = _unique(backbone.update_ops + tf.compat.v1.get_collection(
+  # Keras layers and hub.KerasLayer keep their BatchNorm updates off the
+  # UPDATE_OPS collection: the backbone collected them from the layers.
+  update_ops = optimizers.unique(backbone.update_ops + tf.compat.v1.get_collection(
       tf.compat.v1.GraphKeys.UPDATE_OPS))
   train_op = optimizers.build_train_op(
       config.optimizer, loss, learning_rate, global_step, stage_lists,
       stage_index=backbone.stage_index, factor_fn=lambda v: factors[id(v)],
       update_ops=update_ops,
       loss_scale=config.run.mixed_precision == "mixed_float16")
+  return _with_ema(config, train_op, var_list, backbone.init_fn)
+
+
+def _check_stages_expose_variables(config, backbone) -> None:
+  """Raises ConfigError when a stage should train the backbone but it has no variables."""
+  for stage in backbone.stages:
+    if not stage.trainable_variables and not all(stage.frozen):
+      raise ConfigError(
+          f"--freeze={stage.spec} should train part of the backbone but "
+          f"{config.backbone.handle} exposes no trainable variables there; use "
+          "--freeze=all, or a module/model with trainable weights.")
+
+
+def _with_ema(config, train_op, var_list, pretrained_init_fn):
+  """The train op followed by the EMA update (when on), and the Scaffold init_fn."""
   init_ops = []
   ema = optimizers.build_ema(config.optimizer)
   if ema is not None:
@@ -279,8 +225,7 @@ def _train_op(config, loss, backbone, head, boundaries):
     # values are assigned after the variable initializers ran).
     init_ops.append(tf.group(*[ema.average(v).assign(v.read_value()) for v in var_list],
                              name="ema_start"))
-  init_fn = _chain_init(backbone.init_fn, init_ops)
-  return train_op, init_fn
+  return train_op, _chain_init(pretrained_init_fn, init_ops)
 
 
 def _xla_scope(enabled: bool):
@@ -349,26 +294,36 @@ def _predict_spec(config, logits, features, scaffold=None):
       export_outputs=export_outputs, scaffold=scaffold)
 
 
-def _unique(items):
-  seen, out = set(), []
-  for item in items:
-    if id(item) not in seen:
-      seen.add(id(item))
-      out.append(item)
-  return out
-
-
 def _record_variables(config, backbone, var_list, stage_lists, names, factors):
-  """Logs once and saves which backbone variables train and which stay frozen."""
+  """Logs once and saves which backbone variables train and which stay frozen.
+
+  Raises:
+    ConfigError: nothing is trainable.
+  """
+  record = _variables_record(config, backbone, var_list, stage_lists, names, factors)
+  if not var_list:
+    raise ConfigError("nothing is trainable; loosen --freeze.")
+  text = json.dumps(record, indent=1)
+  model_dir = config.run.model_dir
+  path = os.path.join(model_dir, VARIABLES_FILENAME) if model_dir else ""
+  if path and files.read_text(path) == text:
+    return  # logged and saved when this run (or its first segment) started
+  _log_stages(backbone, stage_lists, path or VARIABLES_FILENAME)
+  if path:
+    files.write_atomically(path, text)
+
+
+def _variables_record(config, backbone, var_list, stage_lists, names, factors) -> dict:
+  """The trainable_variables.json content: per stage, what trains and what not."""
   trainable_ids = {id(v) for v in var_list}
-  frozen_layers = [g.name for g, f in zip(backbone.groups, backbone.frozen) if f]
-  record = {
+  first_stage_ids = {id(x) for x in stage_lists[0]}
+  return {
       "freeze": config.freeze.spec,
       "unfreeze_schedule": config.freeze.unfreeze_schedule,
       "trainable": [v.name for v in stage_lists[0]],
       "frozen": [v.name for g in backbone.groups for v in g.variables
-                 if id(v) not in {id(x) for x in stage_lists[0]}],
-      "frozen_layers": frozen_layers,
+                 if id(v) not in first_stage_ids],
+      "frozen_layers": [g.name for g, f in zip(backbone.groups, backbone.frozen) if f],
       "trainable_layers": [g.name for g, f in zip(backbone.groups, backbone.frozen)
                            if not f],
       "stages": [{"start_step": st.start, "spec": st.spec,
@@ -381,15 +336,10 @@ def _record_variables(config, backbone, var_list, stage_lists, names, factors):
       "lr_multipliers": {names[id(v)]: factors[id(v)] for v in var_list
                          if factors[id(v)] != 1.0},
   }
-  if not var_list:
-    raise ConfigError("nothing is trainable; loosen --freeze.")
-  text = json.dumps(record, indent=1)
-  model_dir = config.run.model_dir
-  path = os.path.join(model_dir, VARIABLES_FILENAME) if model_dir else ""
-  if path and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      if f.read() == text:
-        return  # logged and saved when this run (or its first segment) started
+
+
+def _log_stages(backbone, stage_lists, where: str) -> None:
+  """One log line per unfreeze stage: frozen layers, trained parameters."""
   backbone_vars = [v for g in backbone.groups for v in g.variables]
   for st, variables in zip(backbone.stages, stage_lists):
     training_ids = {id(v) for v in variables}
@@ -400,12 +350,7 @@ def _record_variables(config, backbone, var_list, stage_lists, names, factors):
              _abbreviate([g.name for g, f in zip(backbone.groups, st.frozen) if f]),
              f"{_count_parameters(variables):,}",
              f"{_count_parameters([v for v in backbone_vars if id(v) not in training_ids]):,}",
-             path or VARIABLES_FILENAME)
-  if path:
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-      f.write(text)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+             where)
 
 
 def _count_parameters(variables) -> int:

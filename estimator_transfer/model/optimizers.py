@@ -28,10 +28,10 @@
 from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
-
-from estimator_transfer.errors import ConfigError
+from tensorflow.python.training import slot_creator  # pylint: disable=g-direct-tensorflow-import
 
 from estimator_transfer.config import OptimizerConfig
+from estimator_transfer.errors import ConfigError
 
 _DEFAULT_NAMES = {"sgd": "GradientDescent", "momentum": "Momentum",
                   "nesterov": "Momentum", "adam": "Adam", "adamw": "Adam",
@@ -111,35 +111,64 @@ def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
   Raises:
     ConfigError: a stage has nothing to train.
   """
-  union = _unique([v for vs in stage_var_lists for v in vs])
+  union = unique([v for vs in stage_var_lists for v in vs])
   factors = {id(v): float(factor_fn(v)) for v in union}
+  _check_stages_train(stage_var_lists, factors)
+  scaler = DynamicLossScale() if loss_scale else None
+  if scaler is None:
+    grads = tf.gradients(loss, union)
+  else:
+    grads = scaler.unscale(tf.gradients(scaler.scale(loss), union))
+  step = _StageSteps(config, learning_rate, union, grads, factors)
+
+  def apply_step():
+    if stage_index is None or len(stage_var_lists) == 1:
+      return step(stage_var_lists[0])
+    return step.switch(stage_var_lists, stage_index)
+
+  with tf.control_dependencies(list(update_ops)):
+    applied = apply_step() if scaler is None else scaler.apply_if_finite(grads, apply_step)
+  with tf.control_dependencies([applied]):
+    return tf.compat.v1.assign_add(global_step, 1, name="train_op").op
+
+
+def _check_stages_train(stage_var_lists: Sequence[list], factors: dict) -> None:
+  """Raises ConfigError when a stage has no variable with a multiplier above 0."""
   for i, variables in enumerate(stage_var_lists):
     if not [v for v in variables if factors[id(v)] > 0]:
       raise ConfigError(
           f"nothing is trainable{' in unfreeze stage ' + str(i) if len(stage_var_lists) > 1 else ''}: "
           "every variable is frozen or has learning-rate multiplier 0; loosen "
           "--freeze / --unfreeze_schedule or --lr_multipliers.")
-  scaler = DynamicLossScale() if loss_scale else None
-  if scaler is None:
-    grads = tf.gradients(loss, union)
-  else:
-    grads = scaler.unscale(tf.gradients(scaler.scale(loss), union))
-  grad_of = {id(v): g for v, g in zip(union, grads)}
 
-  # One optimizer per distinct factor, shared by all stages (so every
-  # variable has one set of slots). Factor 1 keeps the default name.
-  optimizers = {}
-  for v in union:
-    f = factors[id(v)]
-    if f > 0 and f not in optimizers:
-      suffix = "" if f == 1.0 else f"_x{len(optimizers)}"
-      opt_name = _DEFAULT_NAMES[config.name] + suffix
-      optimizers[f] = build_optimizer(config, learning_rate * f if f != 1.0 else
-                                      learning_rate, name=opt_name)
 
-  def stage_step(variables):
-    pairs = [(grad_of[id(v)], v) for v in _unique(variables)
-             if grad_of[id(v)] is not None and factors[id(v)] > 0]
+class _StageSteps:
+  """Builds the apply step of one unfreeze stage from gradients computed once.
+
+  One optimizer per distinct learning-rate factor, shared by all stages, so
+  every variable has one set of slots; factor 1 keeps the default name.
+  """
+
+  def __init__(self, config: OptimizerConfig, learning_rate, union: list, grads: list,
+               factors: dict):
+    self._config = config
+    self._learning_rate = learning_rate
+    self._grad_of = {id(v): g for v, g in zip(union, grads)}
+    self._factors = factors
+    self._optimizers = {}
+    for v in union:
+      f = factors[id(v)]
+      if f > 0 and f not in self._optimizers:
+        suffix = "" if f == 1.0 else f"_x{len(self._optimizers)}"
+        self._optimizers[f] = build_optimizer(
+            config, learning_rate * f if f != 1.0 else learning_rate,
+            name=_DEFAULT_NAMES[config.name] + suffix)
+
+  def __call__(self, variables):
+    """The op applying clipped gradients (and adamw decay) to `variables`."""
+    config, factors = self._config, self._factors
+    pairs = [(self._grad_of[id(v)], v) for v in unique(variables)
+             if self._grad_of[id(v)] is not None and factors[id(v)] > 0]
     if config.clip_norm and pairs:
       clipped, _ = tf.clip_by_global_norm([g for g, _ in pairs], config.clip_norm)
       pairs = [(g, v) for g, (_, v) in zip(clipped, pairs)]
@@ -147,31 +176,25 @@ def build_train_op(config: OptimizerConfig, loss, learning_rate, global_step,
     if config.name == "adamw" and config.weight_decay:
       for _, v in pairs:
         if is_decayed(v):
-          rate = learning_rate * factors[id(v)] * config.weight_decay
+          rate = self._learning_rate * factors[id(v)] * config.weight_decay
           decays.append(v.assign_sub(rate * v.read_value()).op)
     applies = []
     with tf.control_dependencies(decays):
-      for f, optimizer in optimizers.items():
+      for f, optimizer in self._optimizers.items():
         group = [(g, v) for g, v in pairs if factors[id(v)] == f]
         if group:
           applies.append(optimizer.apply_gradients(group))
     return tf.group(*applies, *decays)
 
-  def apply_step():
-    if stage_index is None or len(stage_var_lists) == 1:
-      return stage_step(stage_var_lists[0])
+  def switch(self, stage_var_lists: Sequence[list], stage_index):
+    """One branch per stage, picked by `stage_index` (a frozen variable is untouched)."""
     branches = []
     for i, variables in enumerate(stage_var_lists):
       def branch(variables=variables, i=i):
-        with tf.control_dependencies([stage_step(variables)]):
+        with tf.control_dependencies([self(variables)]):
           return tf.constant(i)
       branches.append(branch)
     return tf.switch_case(stage_index, branches, name="unfreeze_stage_step")
-
-  with tf.control_dependencies(list(update_ops)):
-    step = apply_step() if scaler is None else scaler.apply_if_finite(grads, apply_step)
-  with tf.control_dependencies([step]):
-    return tf.compat.v1.assign_add(global_step, 1, name="train_op").op
 
 
 class DynamicLossScale:
@@ -246,7 +269,6 @@ def apply_ema(ema, var_list):
   averages are created here as zero slots under the same names instead; the
   model_fn's init_fn then copies the starting weights into them.
   """
-  from tensorflow.python.training import slot_creator  # pylint: disable=g-import-not-at-top
   averages = ema._averages  # pylint: disable=protected-access
   with tf.init_scope():
     for var in var_list:
@@ -270,7 +292,12 @@ def ema_restore_saver(ema, variables: Sequence) -> tf.compat.v1.train.Saver:
   return tf.compat.v1.train.Saver(mapping, sharded=True)
 
 
-def _unique(items):
+def unique(items) -> list:
+  """`items` in first-seen order, each once, compared by identity.
+
+  Graph tensors and variables are not hashable by value; the same variable
+  reaches a var_list from several places (a stage, the union, the head).
+  """
   seen, out = set(), []
   for item in items:
     if id(item) not in seen:

@@ -15,23 +15,29 @@ the best value so far is read from disk on every call:
 
 With neither, nothing has been published, and the first result is exported.
 Ties do not export. Both classes are `tf.estimator.Exporter`s, usable in
-`EvalSpec(exporters=...)`; `export_after_evaluation` is the same for a loop
-that calls `Estimator.evaluate` itself.
+`EvalSpec(exporters=...)`; the training loop calls them through
+`build_best_model_callback` (after each in-loop evaluation) and
+`export_after_evaluation` (the run's final export, `Experiment.export_final`),
+locally and on a cluster's chief alike.
 """
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from estimator_transfer.serving import export as export_lib
-from estimator_transfer.errors import ConfigError
-from estimator_transfer.config import ExperimentConfig
+from estimator_transfer import files
 from estimator_transfer import specs
+from estimator_transfer.config import ExperimentConfig
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.serving import warmup as warmup_lib
+from estimator_transfer.serving import saved_model
+from estimator_transfer.serving import signatures as signatures_lib
+from estimator_transfer.serving import versions as versions_lib
+from estimator_transfer.training import early_stopping
 
 log = logging.getLogger("estimator_transfer")
 
@@ -46,38 +52,18 @@ def read_ledger(export_dir: str) -> List[dict]:
     ConfigError: the ledger exists but is not readable JSON.
   """
   path = os.path.join(export_dir, LEDGER_FILENAME)
-  if not tf.io.gfile.exists(path):
-    return []
   try:
-    with tf.io.gfile.GFile(path) as f:
-      return list(json.loads(f.read())["exports"])
+    data = files.read_json(path)
+    return [] if data is None else list(data["exports"])
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"{path} is corrupt ({e}); restore it, or delete it to let "
                       "the next export compare against past eval results.") from e
 
 
 def _write_ledger(export_dir: str, entries: List[dict]) -> None:
-  path = os.path.join(export_dir, LEDGER_FILENAME)
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    f.write(json.dumps({"exports": entries}, indent=1, sort_keys=True))
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  files.write_json(os.path.join(export_dir, LEDGER_FILENAME), {"exports": entries},
+                   indent=1, sort_keys=True)
 
-
-def eval_history(model_dir: str, metric: str) -> Dict[int, float]:
-  """global step -> `metric` from the eval event files under `model_dir/eval`."""
-  history = {}
-  pattern = os.path.join(model_dir, "eval", "events.out.tfevents.*")
-  for path in sorted(tf.io.gfile.glob(pattern)):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(path):
-        for value in event.summary.value:
-          if value.tag == metric:
-            history[int(event.step)] = float(
-                value.simple_value if value.HasField("simple_value")
-                else tf.make_ndarray(value.tensor))
-    except tf.errors.DataLossError:
-      continue  # a file cut short by a kill: keep what was read
-  return history
 
 
 def _clean_result(eval_result: Mapping) -> dict:
@@ -93,7 +79,7 @@ def _clean_result(eval_result: Mapping) -> dict:
 class LatestExporter(tf.estimator.Exporter):
   """Exports every evaluated checkpoint (keeping the newest `exports_to_keep`)."""
 
-  def __init__(self, options: export_lib.ExportOptions, export_dir: Optional[str] = None,
+  def __init__(self, options: signatures_lib.ExportOptions, export_dir: Optional[str] = None,
                name: str = "latest"):
     """Creates the exporter.
 
@@ -122,12 +108,12 @@ class LatestExporter(tf.estimator.Exporter):
     """
     del is_the_final_export
     export_dir = self._export_dir or export_path
-    versions = export_lib.list_versions(export_dir)
-    if versions and export_lib.read_metadata(versions[-1]).get("checkpoint") == checkpoint_path:
+    versions = versions_lib.list_versions(export_dir)
+    if versions and saved_model.read_metadata(versions[-1]).get("checkpoint") == checkpoint_path:
       self.last_decision = f"{versions[-1]} already holds {checkpoint_path}"
       return None
     options = _with_eval_metadata(self._options, eval_result)
-    path = export_lib.export_saved_model(estimator, export_dir, options, checkpoint_path)
+    path = saved_model.export_saved_model(estimator, export_dir, options, checkpoint_path)
     self.last_decision = f"exported {path}"
     return path
 
@@ -139,7 +125,7 @@ class BestExporter(tf.estimator.Exporter):
   (restart, preemption, a second et-train) never publishes a worse model.
   """
 
-  def __init__(self, options: export_lib.ExportOptions, metric: str = "accuracy",
+  def __init__(self, options: signatures_lib.ExportOptions, metric: str = "accuracy",
                mode: str = "auto", export_dir: Optional[str] = None, name: str = "best"):
     """Creates the exporter.
 
@@ -167,8 +153,8 @@ class BestExporter(tf.estimator.Exporter):
     """The value a new export must beat (None: nothing published yet)."""
     values = [e["metrics"][self._metric] for e in read_ledger(export_dir)
               if self._metric in e.get("metrics", {})]
-    if not values and export_lib.list_versions(export_dir):
-      values = [v for step, v in eval_history(model_dir, self._metric).items()
+    if not values and versions_lib.list_versions(export_dir):
+      values = [v for step, v in early_stopping.eval_history(model_dir, self._metric).items()
                 if step != current_step]
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -197,7 +183,7 @@ class BestExporter(tf.estimator.Exporter):
       log.info("best exporter: %s", self.last_decision)
       return None
     options = _with_eval_metadata(self._options, eval_result)
-    path = export_lib.export_saved_model(estimator, export_dir, options, checkpoint_path)
+    path = saved_model.export_saved_model(estimator, export_dir, options, checkpoint_path)
     entries = read_ledger(export_dir)
     entries.append({"version": int(os.path.basename(path)), "metric": self._metric,
                     "mode": self._mode, "value": value, "metrics": result,
@@ -211,7 +197,7 @@ class BestExporter(tf.estimator.Exporter):
     return path
 
 
-def _with_eval_metadata(options: export_lib.ExportOptions, eval_result):
+def _with_eval_metadata(options: signatures_lib.ExportOptions, eval_result):
   if not eval_result:
     return options
   metadata = dict(options.metadata, eval_metrics=_clean_result(eval_result))
@@ -228,7 +214,7 @@ def serving_inputs(config: ExperimentConfig) -> Tuple[str, ...]:
 
 
 def export_options(config: ExperimentConfig, image_size: int,
-                   with_warmup: bool = True) -> export_lib.ExportOptions:
+                   with_warmup: bool = True) -> signatures_lib.ExportOptions:
   """ExportOptions for an experiment config (the warmup images are read here).
 
   Raises:
@@ -242,13 +228,13 @@ def export_options(config: ExperimentConfig, image_size: int,
   e = config.export
   warmup = ()
   if with_warmup and e.serving_warmup:
-    export_lib.require_serving_api()
-    warmup = export_lib.read_warmup_images(config.input.eval_data, config.input.image_key,
+    warmup_lib.require_serving_api()
+    warmup = warmup_lib.read_warmup_images(config.input.eval_data, config.input.image_key,
                                            e.serving_warmup, image_size)
   head = config.head
   metadata = {"backbone": config.backbone.handle, "class_names": list(head.class_names),
               "num_classes": head.num_classes}
-  return export_lib.ExportOptions(
+  return signatures_lib.ExportOptions(
       image_size=image_size, serving_inputs=serving_inputs(config),
       image_key=config.input.image_key, exports_to_keep=e.exports_to_keep,
       use_ema=bool(config.optimizer.ema_decay), warmup_images=warmup, metadata=metadata)
@@ -262,13 +248,13 @@ def build_exporters(config: ExperimentConfig, image_size: int) -> list:
   """
   options = export_options(config, image_size)
   e = config.export
-  return [BestExporter(options, e.best_metric, e.best_metric_mode,
+  return [BestExporter(options, e.best_metric, config.guards.metric_mode,
                        export_dir=e.export_dir or None),
           LatestExporter(options)]
 
 
 def maybe_export_best(estimator, export_dir: str, eval_result: Mapping,
-                      checkpoint_path: str, options: export_lib.ExportOptions,
+                      checkpoint_path: str, options: signatures_lib.ExportOptions,
                       metric: str = "accuracy", mode: str = "auto") -> Optional[str]:
   """Exports `checkpoint_path` into `export_dir` if `eval_result` is the best.
 
@@ -292,10 +278,37 @@ def export_after_evaluation(estimator, config: ExperimentConfig, image_size: int
   """
   options = export_options(config, image_size)
   e = config.export
-  best = BestExporter(options, e.best_metric, e.best_metric_mode, export_dir=e.export_dir)
+  best = BestExporter(options, e.best_metric, config.guards.metric_mode, export_dir=e.export_dir)
   best_path = best.export(estimator, e.export_dir, checkpoint_path, eval_result, True)
   latest_dir = os.path.join(config.run.model_dir, LATEST_SUBDIR)
   latest = LatestExporter(options, latest_dir)
   latest_path = latest.export(estimator, latest_dir, checkpoint_path, eval_result, True)
   return {"best": best_path, "best_decision": best.last_decision,
           "latest": latest_path, "latest_decision": latest.last_decision}
+
+
+def build_best_model_callback(experiment) -> Optional[Callable[[Dict[str, float], str], None]]:
+  """The training loop's after-evaluation callback: publish the best model.
+
+  Called as f(metrics, checkpoint) after each in-loop evaluation
+  (--eval_every_steps, early stopping); None without --export_dir or
+  --eval_data. Building it checks the export settings (warmup data too),
+  so a bad one fails before training starts, not after hours.
+
+  Args:
+    experiment: the `training.experiment.Experiment` being trained.
+  """
+  cfg = experiment.config
+  if not cfg.export.export_dir:
+    return None
+  options = export_options(cfg, experiment.image_size)
+  if not cfg.input.eval_data:
+    return None
+  best = BestExporter(options, cfg.export.best_metric, cfg.guards.metric_mode,
+                      export_dir=cfg.export.export_dir)
+
+  def after_evaluation(metrics, checkpoint_path):
+    best.export(experiment.estimator, cfg.export.export_dir,
+                experiment.servable_checkpoint(checkpoint_path), metrics, False)
+
+  return after_evaluation

@@ -19,10 +19,11 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from estimator_transfer.serving import export as export_lib
 from estimator_transfer.errors import ConfigError
-
-_EXAMPLE_METHODS = (tf.saved_model.CLASSIFY_METHOD_NAME, tf.saved_model.REGRESS_METHOD_NAME)
+from estimator_transfer.serving import saved_model
+from estimator_transfer.serving import signatures as signatures_lib
+from estimator_transfer.serving import versions
+from estimator_transfer.serving import warmup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _spec(key, info) -> TensorSpec:
 
 
 def _meta_graph(saved_model_dir: str):
-  path = os.path.join(saved_model_dir, "saved_model.pb")
+  path = os.path.join(saved_model_dir, versions.SAVED_MODEL_FILENAME)
   if not tf.io.gfile.exists(path):
     raise ConfigError(f"{saved_model_dir} has no saved_model.pb; give a version "
                       "directory or a TF Serving base path with versions.")
@@ -68,6 +69,14 @@ def _meta_graph(saved_model_dir: str):
                     "graph, so TF Serving cannot load it; re-export it.")
 
 
+def signature_info(name: str, signature_def) -> SignatureInfo:
+  """A SignatureDef proto as a SignatureInfo (inputs and outputs sorted by key)."""
+  return SignatureInfo(
+      name, signature_def.method_name,
+      tuple(_spec(k, v) for k, v in sorted(signature_def.inputs.items())),
+      tuple(_spec(k, v) for k, v in sorted(signature_def.outputs.items())))
+
+
 def describe(saved_model_dir: str) -> List[SignatureInfo]:
   """The serving signatures of a SavedModel, serving_default first.
 
@@ -75,11 +84,8 @@ def describe(saved_model_dir: str) -> List[SignatureInfo]:
     ConfigError: not a SavedModel, or no serving meta graph.
   """
   signatures = _meta_graph(saved_model_dir).signature_def
-  names = sorted(signatures, key=lambda n: (n != export_lib.DEFAULT_SIGNATURE, n))
-  return [SignatureInfo(
-      name, signatures[name].method_name,
-      tuple(_spec(k, v) for k, v in sorted(signatures[name].inputs.items())),
-      tuple(_spec(k, v) for k, v in sorted(signatures[name].outputs.items())))
+  names = sorted(signatures, key=lambda n: (n != signatures_lib.DEFAULT_SIGNATURE, n))
+  return [signature_info(name, signatures[name])
           for name in names if not name.startswith("__")]
 
 
@@ -117,10 +123,10 @@ def sample_feed(info: SignatureInfo, metadata: Dict, batch: int = 2) -> Dict[str
   feed = {}
   for spec in info.inputs:
     if spec.dtype == "string":
-      if info.method in _EXAMPLE_METHODS or spec.key in ("inputs", "examples"):
-        feed[spec.key] = np.array([tf.train.Example(features=tf.train.Features(feature={
-            image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[i]))}))
-                                   .SerializeToString() for i in images], dtype=object)
+      if info.method in signatures_lib.EXAMPLE_METHODS or spec.key in ("inputs", "examples"):
+        feed[spec.key] = np.array(
+            [signatures_lib.image_example(i, image_key).SerializeToString() for i in images],
+            dtype=object)
       else:
         feed[spec.key] = np.array(images, dtype=object)
     else:
@@ -163,16 +169,16 @@ def _run(sess, info: SignatureInfo, feed: Dict[str, np.ndarray]) -> Dict[str, np
 
 def _warmup_feeds(saved_model_dir: str, infos: Dict[str, SignatureInfo]):
   """(signature name, feed) per warmup record; [] without a warmup file."""
-  path = os.path.join(saved_model_dir, export_lib.ASSETS_EXTRA, export_lib.WARMUP_FILENAME)
+  path = os.path.join(saved_model_dir, versions.ASSETS_EXTRA, warmup.WARMUP_FILENAME)
   if not tf.io.gfile.exists(path):
     return []
-  _, _, prediction_log_pb2, _ = export_lib.require_serving_api()
+  _, _, prediction_log_pb2, _ = warmup.require_serving_api()
   feeds = []
   for record in tf.data.TFRecordDataset(path):
     entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
     kind = entry.WhichOneof("log_type")
     request = getattr(entry, kind).request
-    name = request.model_spec.signature_name or export_lib.DEFAULT_SIGNATURE
+    name = request.model_spec.signature_name or signatures_lib.DEFAULT_SIGNATURE
     if name not in infos:
       raise ValueError(f"warmup request for missing signature '{name}'")
     if kind == "predict_log":
@@ -187,8 +193,33 @@ def _warmup_feeds(saved_model_dir: str, infos: Dict[str, SignatureInfo]):
   return feeds
 
 
+_RUN_ERRORS = (tf.errors.OpError, ValueError, KeyError, TypeError)
+
+
+def _check_signature(sess, info: SignatureInfo, feed, batch: int) -> CheckResult:
+  start = time.time()
+  try:
+    summary = _validate(info, _run(sess, info, feed), batch)
+  except _RUN_ERRORS as e:
+    return CheckResult(info.name, False, error_line(e))
+  return CheckResult(info.name, True, f"{time.time() - start:.2f}s, {summary}")
+
+
+def _replay_warmup(sess, infos: Dict[str, SignatureInfo], replays) -> CheckResult:
+  try:
+    for name, feed in replays:
+      _run(sess, infos[name], feed)
+  except _RUN_ERRORS as e:
+    return CheckResult("warmup", False, error_line(e))
+  return CheckResult("warmup", True, f"{len(replays)} requests replayed")
+
+
 def check_saved_model(saved_model_dir: str, batch: int = 2) -> List[CheckResult]:
   """Loads the SavedModel as TF Serving does and runs every signature.
+
+  Args:
+    saved_model_dir: a SavedModel (version) directory.
+    batch: examples per sample request.
 
   Returns:
     One result per signature, plus one for the warmup file when present.
@@ -198,37 +229,26 @@ def check_saved_model(saved_model_dir: str, batch: int = 2) -> List[CheckResult]
       fail gives failed results instead).
   """
   infos = {i.name: i for i in describe(saved_model_dir)}
-  metadata = export_lib.read_metadata(saved_model_dir)
+  metadata = saved_model.read_metadata(saved_model_dir)
   # Sample inputs are made eagerly, before the loader's graph takes over.
   feeds = {name: sample_feed(info, metadata, batch) for name, info in infos.items()}
   try:
-    warmup, warmup_note = _warmup_feeds(saved_model_dir, infos), ""
+    replays, warmup_note = _warmup_feeds(saved_model_dir, infos), ""
   except ConfigError as e:
-    warmup, warmup_note = [], f"not replayed: {e}"
+    replays, warmup_note = [], f"not replayed: {e}"
   except ValueError as e:
     return [CheckResult("warmup", False, error_line(e))]
-  results = []
   with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
     try:
       tf.compat.v1.saved_model.loader.load(sess, [tf.saved_model.SERVING], saved_model_dir)
     except (tf.errors.OpError, ValueError, RuntimeError) as e:
       return [CheckResult("load", False, error_line(e))]
-    for name, info in infos.items():
-      start = time.time()
-      try:
-        summary = _validate(info, _run(sess, info, feeds[name]), batch)
-        results.append(CheckResult(name, True, f"{time.time() - start:.2f}s, {summary}"))
-      except (tf.errors.OpError, ValueError, KeyError, TypeError) as e:
-        results.append(CheckResult(name, False, error_line(e)))
+    results = [_check_signature(sess, info, feeds[name], batch)
+               for name, info in infos.items()]
     if warmup_note:
       results.append(CheckResult("warmup", True, warmup_note))
-    elif warmup:
-      try:
-        for name, feed in warmup:
-          _run(sess, infos[name], feed)
-        results.append(CheckResult("warmup", True, f"{len(warmup)} requests replayed"))
-      except (tf.errors.OpError, ValueError, KeyError, TypeError) as e:
-        results.append(CheckResult("warmup", False, error_line(e)))
+    elif replays:
+      results.append(_replay_warmup(sess, infos, replays))
   return results
 
 
@@ -247,8 +267,10 @@ def error_line(error) -> str:
 
 
 def format_results(results: List[CheckResult]) -> str:
+  """One `ok`/`FAIL` line per check result."""
   return "".join(f"  {'ok ' if r.ok else 'FAIL'} {r.name}: {r.message}\n" for r in results)
 
 
 def failures(results: List[CheckResult]) -> List[CheckResult]:
+  """The results that did not pass."""
   return [r for r in results if not r.ok]

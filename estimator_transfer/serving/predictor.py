@@ -18,11 +18,15 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from estimator_transfer.serving import export as export_lib
-from estimator_transfer.serving import inspect as inspection
-from estimator_transfer.errors import ConfigError
-from estimator_transfer.data import input_fns
+from estimator_transfer import files
+from estimator_transfer.data import sources
 from estimator_transfer.data import labels as labels_lib
+from estimator_transfer.errors import ConfigError
+from estimator_transfer.serving import inspect as inspection
+from estimator_transfer.serving import saved_model
+from estimator_transfer.serving import signatures as signatures_lib
+from estimator_transfer.serving import versions
+from estimator_transfer.serving.signatures import ExportOptions
 
 log = logging.getLogger("estimator_transfer")
 
@@ -58,9 +62,9 @@ class Predictor:
     Raises:
       ConfigError: not a SavedModel, or no image-bytes predict signature.
     """
-    path = export_lib.latest_version(path)
+    path = versions.latest_version(path)
     signature = _bytes_signature(inspection.describe(path), path)
-    metadata = export_lib.read_metadata(path)
+    metadata = saved_model.read_metadata(path)
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph)
     with graph.as_default():
@@ -69,14 +73,14 @@ class Predictor:
     return cls(session, signature, metadata.get("class_names") or ())
 
   @classmethod
-  def from_estimator(cls, estimator, options: export_lib.ExportOptions,
+  def from_estimator(cls, estimator, options: ExportOptions,
                      class_names: Sequence[str] = (),
                      checkpoint_path: Optional[str] = None) -> "Predictor":
     """Builds the serving graph of a checkpoint in memory (no export written)."""
     options = dataclasses.replace(options, serving_inputs=("image_bytes",), warmup_images=())
-    serving = export_lib.build_serving_graph(estimator, options, checkpoint_path)
-    signature = _as_info(export_lib.PREDICT_SIGNATURE,
-                         serving.signature_defs[export_lib.PREDICT_SIGNATURE])
+    serving = saved_model.build_serving_graph(estimator, options, checkpoint_path)
+    name = signatures_lib.PREDICT_SIGNATURE
+    signature = inspection.signature_info(name, serving.signature_defs[name])
     log.info("et-predict: checkpoint %s", serving.checkpoint_path)
     return cls(serving.session(estimator.config.session_config), signature, class_names)
 
@@ -88,22 +92,13 @@ class Predictor:
     self._session.close()
 
 
-def _as_info(name, signature) -> inspection.SignatureInfo:
-  return inspection.SignatureInfo(
-      name, signature.method_name,
-      tuple(inspection.TensorSpec(k, v.name, tf.as_dtype(v.dtype).name, None)
-            for k, v in sorted(signature.inputs.items())),
-      tuple(inspection.TensorSpec(k, v.name, tf.as_dtype(v.dtype).name, None)
-            for k, v in sorted(signature.outputs.items())))
-
-
 def _bytes_signature(infos, path) -> inspection.SignatureInfo:
   by_name = {i.name: i for i in infos}
-  for name in (export_lib.PREDICT_SIGNATURE, export_lib.DEFAULT_SIGNATURE, *by_name):
+  for name in (signatures_lib.PREDICT_SIGNATURE, signatures_lib.DEFAULT_SIGNATURE, *by_name):
     info = by_name.get(name)
     if (info and info.method == tf.saved_model.PREDICT_METHOD_NAME and
         len(info.inputs) == 1 and info.inputs[0].dtype == "string" and
-        info.inputs[0].key == export_lib.IMAGE_BYTES_KEY):
+        info.inputs[0].key == signatures_lib.IMAGE_BYTES_KEY):
       return info
   raise ConfigError(f"{path} has no predict signature that takes image bytes; "
                     "re-export it with --serving_inputs including image_bytes.")
@@ -127,9 +122,9 @@ def iter_items(data: str, image_key: str = "image/encoded") -> Iterator[Item]:
   """
   if tf.io.gfile.isdir(data) and not _has_tfrecords(data):
     found = False
-    for root, dirs, files in tf.io.gfile.walk(data):
+    for root, dirs, names in tf.io.gfile.walk(data):
       dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-      for name in sorted(files):
+      for name in sorted(names):
         if not name.startswith(".") and _is_image(name):
           found = True
           yield _read_item(os.path.join(root, name))
@@ -142,7 +137,7 @@ def iter_items(data: str, image_key: str = "image/encoded") -> Iterator[Item]:
     yield _read_item(data)
   else:
     spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
-    for path in input_fns.list_tfrecord_files(data):
+    for path in sources.list_tfrecord_files(data):
       for index, record in enumerate(tf.data.TFRecordDataset(path)):
         key = f"{path}:{index}"
         try:
@@ -242,28 +237,31 @@ def _csv_line(row: dict) -> str:
 def write_predictions(rows: Iterator[dict], output: str) -> Dict[str, int]:
   """Writes rows as CSV or JSON Lines (by extension), atomically.
 
+  The file appears only once every row is written: a job that fails half way
+  leaves no output (or the previous one) rather than a truncated file.
+
+  Args:
+    rows: prediction rows (`predict_rows`).
+    output: the .csv or .jsonl file to write; its directory is created.
+
   Returns:
     {"rows": n, "errors": m}.
+
+  Raises:
+    ConfigError: `output` has another extension.
   """
   fmt = output_format(output)
-  parent = os.path.dirname(output)
-  if parent:
-    tf.io.gfile.makedirs(parent)
   counts = {"rows": 0, "errors": 0}
-  tmp = output + ".tmp"
-  try:
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      if fmt == "csv":
-        f.write(",".join(CSV_COLUMNS) + "\n")
-      for row in rows:
-        f.write(_csv_line(row) if fmt == "csv" else json.dumps(row, sort_keys=True) + "\n")
-        counts["rows"] += 1
-        counts["errors"] += bool(row.get("error"))
-    tf.io.gfile.rename(tmp, output, overwrite=True)
-  except BaseException:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.remove(tmp)
-    raise
+  # Held in memory until complete (a few hundred bytes a row): files.write_atomically
+  # is the one place that knows how to publish a file whole, locally and on gs://.
+  out = io.StringIO()
+  if fmt == "csv":
+    out.write(",".join(CSV_COLUMNS) + "\n")
+  for row in rows:
+    out.write(_csv_line(row) if fmt == "csv" else json.dumps(row, sort_keys=True) + "\n")
+    counts["rows"] += 1
+    counts["errors"] += bool(row.get("error"))
+  files.write_atomically(output, out.getvalue())
   return counts
 
 

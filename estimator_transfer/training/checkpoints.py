@@ -22,7 +22,10 @@ from typing import List, Optional
 
 import tensorflow as tf
 from google.protobuf import text_format
+from tensorflow.python.training import checkpoint_state_pb2
 
+from estimator_transfer import config as config_lib
+from estimator_transfer import files
 from estimator_transfer.errors import ConfigError
 
 log = logging.getLogger("estimator_transfer")
@@ -33,6 +36,14 @@ _INDEX_RE = re.compile(r"^(?P<prefix>.+)-(?P<step>\d+)\.index$")
 _SHARD_RE = re.compile(r"\.data-(\d+)-of-(\d+)$")
 _FIX = ("restore the file, or re-run et-train with --on_corrupt_checkpoint=previous to "
         "resume from the newest readable checkpoint")
+
+
+# Settings a checkpoint's variables depend on: resuming with other values is
+# refused unless allow_config_change (the restore would fail or, worse, fit).
+_RESUME_SETTINGS = (("backbone", "handle"), ("backbone", "output_layer"),
+                    ("backbone", "image_size"), ("head", "kind"),
+                    ("head", "num_classes"), ("head", "class_names"),
+                    ("head", "hidden_units"))
 
 
 class CheckpointError(ConfigError):
@@ -126,7 +137,6 @@ def read_state(model_dir: str):
     CheckpointError: the state file exists but does not parse or names no
       checkpoint.
   """
-  from tensorflow.python.training import checkpoint_state_pb2  # pylint: disable=g-import-not-at-top
   path = os.path.join(model_dir, STATE_FILENAME)
   if not tf.io.gfile.exists(path):
     return None
@@ -238,10 +248,7 @@ def write_state(model_dir: str, latest: str, all_paths: List[str]) -> None:
     return os.path.basename(path) if same_dir else path
   lines = [f'model_checkpoint_path: "{rel(latest)}"']
   lines += [f'all_model_checkpoint_paths: "{rel(p)}"' for p in all_paths]
-  path = os.path.join(model_dir, STATE_FILENAME)
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  files.write_atomically(os.path.join(model_dir, STATE_FILENAME), "\n".join(lines) + "\n")
 
 
 def copy_checkpoint(prefix: str, dest_dir: str) -> str:
@@ -258,13 +265,72 @@ def copy_checkpoint(prefix: str, dest_dir: str) -> str:
   new_prefix = os.path.join(dest_dir, os.path.basename(prefix))
   for src in data_files(prefix) + [prefix + ".index"]:
     dst = os.path.join(dest_dir, os.path.basename(src))
-    tf.io.gfile.copy(src, dst + ".tmp", overwrite=True)
-    tf.io.gfile.rename(dst + ".tmp", dst, overwrite=True)
+    files.copy_atomically(src, dst)
   keep = os.path.basename(prefix) + "."
   for name in tf.io.gfile.listdir(dest_dir):
     if (_INDEX_RE.match(name) or _SHARD_RE.search(name)) and not name.startswith(keep):
       tf.io.gfile.remove(os.path.join(dest_dir, name))
   return new_prefix
+
+
+def check_graph_fits(checkpoint: str, model_dir: str) -> None:
+  """Checks every global variable of the default graph against `checkpoint`.
+
+  Raises:
+    ConfigError: a variable is missing from the checkpoint or has another
+      shape there (the restore would fail, or silently fit the wrong shape).
+  """
+  shapes = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
+  problems = []
+  for var in tf.compat.v1.global_variables():
+    name, shape = var.op.name, var.shape.as_list()
+    if name not in shapes:
+      problems.append(f"{name} is not in the checkpoint")
+    elif list(shapes[name]) != shape:
+      problems.append(f"{name} is {list(shapes[name])} in the checkpoint, {shape} here")
+  if problems:
+    more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+    raise ConfigError(
+        f"the checkpoint {checkpoint} does not fit the model this config builds "
+        f"({problems[0]}{more}); resume with the settings it was trained with, or "
+        f"start a new --model_dir with --warm_start_from={model_dir}.")
+
+
+def check_resume_compatible(config: config_lib.ExperimentConfig, resume: str,
+                            allow: bool) -> None:
+  """Refuses to resume a checkpoint trained with other backbone/head settings.
+
+  Raises:
+    ConfigError: settings in `_RESUME_SETTINGS` differ from model_dir's saved
+      config and `allow` (--allow_config_change) is off.
+  """
+  model_dir = config.run.model_dir
+  saved = config_lib.load(model_dir)
+  if saved is None:
+    return
+  changes = []
+  for section, field in _RESUME_SETTINGS:
+    old = getattr(getattr(saved, section), field, None)
+    new = getattr(getattr(config, section), field, None)
+    if field == "image_size" and not (old and new):
+      continue
+    if old != new:
+      changes.append(f"{section}.{field} {_short(old)} -> {_short(new)}")
+  if not changes:
+    return
+  if not allow:
+    raise ConfigError(
+        f"{model_dir} holds a model ({os.path.basename(resume)}) trained with other "
+        f"settings ({'; '.join(changes)}); resume with its saved settings (drop those "
+        f"flags), start a new --model_dir (--warm_start_from={model_dir} reuses its "
+        "weights), or pass --allow_config_change.")
+  log.warning("--allow_config_change: resuming %s with changed settings: %s",
+              model_dir, "; ".join(changes))
+
+
+def _short(value) -> str:
+  text = repr(tuple(value) if isinstance(value, list) else value)
+  return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _first_line(error: Exception) -> str:

@@ -32,6 +32,9 @@ import tensorflow as tf
 
 from estimator_transfer.training import checkpoints
 from estimator_transfer import config as config_lib
+from estimator_transfer import files
+from estimator_transfer.data import labels as labels_lib
+from estimator_transfer.data import relabel
 from estimator_transfer.errors import ConfigError
 
 log = logging.getLogger("estimator_transfer")
@@ -89,6 +92,40 @@ def resolve_source(path: str) -> Source:
     raise ConfigError(f"--warm_start_from={path} holds no checkpoint or SavedModel; "
                       "give a trained model_dir, a checkpoint or an export.")
   return Source(latest, _config_class_names(path))
+
+
+def model_class_names(cfg: config_lib.ExperimentConfig,
+                      data_names: Optional[Sequence[str]]) -> Optional[List[str]]:
+  """The class list of the model a config trains.
+
+  Args:
+    cfg: the config; `head.class_names` is the list of the model already in
+      model_dir (from its saved config) or empty for a new one.
+    data_names: the training data's class names (its label map), or None.
+
+  Returns:
+    An existing model's classes followed by any new ones; for a new model the
+    warm-start source's classes (when `continual.keep_old_classes`), then the
+    replay data's, then the training data's, merged by name. None when no
+    names are known (ids are then used as they are).
+
+  Raises:
+    ConfigError: replay data and training data disagree on having names.
+  """
+  c = cfg.continual
+  replay = labels_lib.class_names_for(c.replay_data) if c.replay_data else None
+  if c.replay_data and bool(replay) != bool(data_names):
+    which = "--replay_data" if not replay else "--train_data"
+    raise ConfigError(f"{which} has no label map while the other one has; put a "
+                      "labels.txt next to both, so their classes can be matched by name.")
+  existing = list(cfg.head.class_names)
+  if existing:
+    return relabel.merge_class_names(existing, replay, data_names)
+  old = None
+  if c.warm_start_from and c.keep_old_classes:
+    old = resolve_source(c.warm_start_from).class_names
+  merged = relabel.merge_class_names(old, replay, data_names)
+  return merged or None
 
 
 def _config_class_names(model_dir: str) -> Optional[Tuple[str, ...]]:
@@ -239,12 +276,8 @@ def log_plan(plan: Plan) -> None:
 
 def write_record(plan: Plan, model_dir: str) -> str:
   """Writes `model_dir/warm_start.json` atomically; returns its path."""
-  path = os.path.join(model_dir, RECORD_FILENAME)
-  tf.io.gfile.makedirs(model_dir)
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    f.write(json.dumps(plan.record(), indent=1))
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-  return path
+  return files.write_json(os.path.join(model_dir, RECORD_FILENAME), plan.record(),
+                          indent=1, sort_keys=False)
 
 
 def build_init_fn(plan: Plan, variables, previous_init_fn=None):
