@@ -16,6 +16,7 @@ from estimator_transfer.config import GuardConfig
 from estimator_transfer import specs
 
 from conftest import run_cli
+from faults import fault_tools
 from continual_helpers import read_checkpoint
 
 
@@ -38,11 +39,19 @@ def test_divergence_stops_training_and_no_checkpoint_holds_it(tiny_data, tiny_ba
                                                               tmp_path):
   # A learning rate this large makes the weights Inf/NaN within a few steps;
   # checkpoints are due at every step, so one would be written from the
-  # diverged state unless the finite-checkpoint listener stops it.
-  model_dir = str(tmp_path / "model")
-  result = run_cli("et-train", f"--backbone={tiny_backbone['h5']}", "--freeze=none",
-                   f"--train_data={tiny_data['train']}", f"--model_dir={model_dir}",
-                   "--lr_values=1e8", "--optimizer=sgd", "--batch_size=8",
+  # diverged state unless the finite-checkpoint listener stops it. Both runs
+  # publish to one --export_dir: a diverged model must never be published.
+  model_dir, export_dir = str(tmp_path / "model"), str(tmp_path / "export")
+  common = [f"--backbone={tiny_backbone['h5']}", "--freeze=none",
+            f"--train_data={tiny_data['train']}", "--optimizer=sgd", "--batch_size=8",
+            f"--export_dir={export_dir}"]
+  good = run_cli("et-train", *common, f"--model_dir={tmp_path / 'good'}", "--lr_values=0.01",
+                 "--max_steps=2")
+  assert good.returncode == 0, good.stderr[-3000:]
+  published = [d for d in os.listdir(export_dir) if d.isdigit()]
+  assert len(published) == 1, published
+  before = fault_tools.tree_files(export_dir)
+  result = run_cli("et-train", *common, f"--model_dir={model_dir}", "--lr_values=1e8",
                    "--save_checkpoints_steps=1", "--max_steps=20")
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
@@ -55,6 +64,9 @@ def test_divergence_stops_training_and_no_checkpoint_holds_it(tiny_data, tiny_ba
   for candidate in checkpoints.list_candidates(model_dir):
     for name, value in read_checkpoint(candidate.prefix).items():
       assert np.all(np.isfinite(value)), (candidate.prefix, name)
+  # No version (not even a temp dir) from the diverged run; the good one untouched.
+  assert "export:" not in result.stdout + result.stderr
+  assert fault_tools.tree_files(export_dir) == before
 
 
 def _state(model_dir):

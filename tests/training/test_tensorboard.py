@@ -24,11 +24,11 @@ def test_training_and_eval_summaries(make_config):
   assert glob.glob(os.path.join(model_dir, "events.out.tfevents.*"))
   train = _load(model_dir)
   tags = train.Tags()
-  for scalar in ("loss", "learning_rate", "examples_per_sec"):
+  for scalar in ("loss", "learning_rate", "examples_per_sec", "bad_records"):
     assert scalar in tags["scalars"] or scalar in tags["tensors"], (scalar, tags)
-  lr = train.Scalars("learning_rate") if "learning_rate" in tags["scalars"] else None
-  if lr is not None:
-    assert abs(lr[-1].value - 0.05) < 1e-6
+  assert "learning_rate" in tags["scalars"], tags
+  lr = train.Scalars("learning_rate")
+  assert lr and abs(lr[-1].value - 0.05) < 1e-6
   assert any("input_images" in t for t in tags["images"]), tags["images"]
   image = train.Images([t for t in tags["images"] if "input_images" in t][0])[-1]
   assert image.width == 16 and image.height == 16
@@ -36,3 +36,14 @@ def test_training_and_eval_summaries(make_config):
   evaluation = _load(os.path.join(model_dir, "eval"))
   assert "accuracy" in evaluation.Tags()["scalars"]
   assert evaluation.Scalars("accuracy")[-1].step == 6
+  # The bad-record count: exactly one tag, `bad_records`, in train and eval
+  # (TensorBoard draws them on one chart); no records here are bad.
+  eval_tags = evaluation.Tags()
+  for where, found in (("train", tags), ("eval", eval_tags)):
+    assert "bad_records" in found["scalars"], (where, found["scalars"])
+    assert [t for t in found["scalars"] + found["tensors"] if "bad_records" in t] == \
+        ["bad_records"], (where, found)
+  assert [e.value for e in train.Scalars("bad_records")] and \
+      {e.value for e in train.Scalars("bad_records")} == {0.0}
+  assert evaluation.Scalars("bad_records")[-1].value == 0.0
+  assert evaluation.Scalars("bad_records")[-1].step == 6
