@@ -8,6 +8,7 @@ through the library's one training loop (`training.loop.TrainingLoop`).
 import json
 import logging
 
+from estimator_transfer import files
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
 from estimator_transfer.cluster import roles
@@ -48,15 +49,22 @@ def main(flag_values) -> None:
   best = exporters.build_best_model_callback(experiment) if task.is_chief else None
   loop = loop_lib.TrainingLoop(experiment, task, strategy,
                                after_evaluation=[best] if best else [])
+  # The model_dir's single writer is the chief (or master): the loop takes
+  # the lock there after its checks; workers and the evaluator never do.
+  lock = files.ModelDirLock(cfg.run.model_dir, role=f"et-train {task.name}")
   try:
-    outcome = loop.run(on_corrupt_checkpoint=flag_values.on_corrupt_checkpoint,
-                       allow_config_change=flag_values.allow_config_change)
-  except hooks.DivergedError as e:
-    common.fail("et-train", e)
-  _print_outcome(task, experiment, outcome)
-  if task.is_chief and not outcome.preempted and experiment.config.export.export_dir:
-    for line in experiment.export_final(outcome.last_eval):
-      print(f"et-train: {line}")
+    try:
+      outcome = loop.run(on_corrupt_checkpoint=flag_values.on_corrupt_checkpoint,
+                         allow_config_change=flag_values.allow_config_change,
+                         lock=lock if task.is_chief else None)
+    except hooks.DivergedError as e:
+      common.fail("et-train", e)
+    _print_outcome(task, experiment, outcome)
+    if task.is_chief and not outcome.preempted and experiment.config.export.export_dir:
+      for line in experiment.export_final(outcome.last_eval):
+        print(f"et-train: {line}")
+  finally:
+    lock.release()
 
 
 def _print_check(task, cfg, warnings) -> None:

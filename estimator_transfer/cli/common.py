@@ -15,6 +15,7 @@ from absl import flags
 import tensorflow as tf
 from tensorflow.python.util import deprecation
 
+from estimator_transfer import files
 from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.data import bad_records
 from estimator_transfer.errors import ConfigError
@@ -99,6 +100,12 @@ def platform_argv(argv):
 
 def _fail_if_known(prog: str, e: Exception) -> None:
   """Exits with one line for an error a user can fix (TF) or a retry may cure (TF, OSError)."""
+  directory = _written_directory(e)
+  storage = files.storage_error(e, directory) if directory else None
+  if storage is not None and isinstance(e, (OSError, tf.errors.OpError)):
+    # A full disk or a read-only / forbidden directory: one sentence (and
+    # never TensorFlow's out-of-memory hint, which ResourceExhausted carries).
+    fail(prog, storage)
   if isinstance(e, tf.errors.InvalidArgumentError):
     data_error = bad_records.user_error_message(e.message)
     if data_error:  # a wrong label or a corrupt record, named by the input_fn
@@ -111,6 +118,25 @@ def _fail_if_known(prog: str, e: Exception) -> None:
     fail_transient(prog, e.message.splitlines()[0] if e.message else type(e).__name__)
   elif isinstance(e, OSError) and is_transient(e):
     fail_transient(prog, str(e) or type(e).__name__)
+
+
+def _written_directory(error: BaseException) -> str:
+  """The directory to name for a failed write: --model_dir, --export_dir or
+  --output_dir, whichever the failed path lies in (default --model_dir); ""
+  for a permission error outside them."""
+  text = f"{getattr(error, 'filename', '') or ''} {getattr(error, 'message', '') or error}"
+  named = [flags.FLAGS[name].value for name in ("export_dir", "model_dir", "output_dir")
+           if name in flags.FLAGS and flags.FLAGS[name].value]
+  for directory in named:
+    if directory in text or os.path.abspath(directory) in text:
+      return directory
+  if isinstance(error, (PermissionError, tf.errors.PermissionDeniedError)):
+    return ""  # may be a read (of the data): the path-and-permissions line says it
+  filename = getattr(error, "filename", None)
+  if filename:
+    return os.path.dirname(str(filename)) or "."
+  model_dir = flags.FLAGS["model_dir"].value if "model_dir" in flags.FLAGS else ""
+  return model_dir or "the output directory"
 
 
 def run_main(prog: str, define_flags, main) -> None:

@@ -13,15 +13,19 @@ config saved in --model_dir by an earlier run, then the defaults. So
 --export_dir=exports/x` need nothing else.
 """
 import dataclasses
+import os
 import sys
 from typing import Iterator, Tuple
 
 from absl import flags
+import tensorflow as tf
 
 from estimator_transfer import config as config_lib
+from estimator_transfer import files as files_lib
 from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.config.settings import Setting, section_settings
 from estimator_transfer.data import labels as labels_lib
+from estimator_transfer.data import sources
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.training import warm_start
 
@@ -167,6 +171,21 @@ def flags_to_config(flag_values=FLAGS) -> ExperimentConfig:
   return cfg.validate()
 
 
+def check_data_path(flag: str, data: str) -> None:
+  """Refuses a data flag whose path (or glob) names nothing.
+
+  Raises:
+    ConfigError: "--train_data=X matches no file; check the path."
+  """
+  if files_lib.is_remote(data):
+    return  # listed (and refused with the path) when the data is read
+  if any(c in data for c in "*?["):
+    if not tf.io.gfile.glob(data):
+      raise ConfigError(f"--{flag}={data} matches no file; check the path.")
+  elif not os.path.exists(data):
+    raise ConfigError(f"--{flag}={data} does not exist; check the path.")
+
+
 def _with_class_names(cfg: ExperimentConfig, label_map: str,
                       check_count: bool = True) -> ExperimentConfig:
   names = None
@@ -181,6 +200,13 @@ def _with_class_names(cfg: ExperimentConfig, label_map: str,
   if not names:
     if cfg.head.class_names or cfg.head.num_classes:
       return cfg
+    # The data comes first: a missing path or a file of the wrong kind is the
+    # thing to fix, not the class count.
+    for flag, data in (("train_data", cfg.input.train_data),
+                       ("eval_data", cfg.input.eval_data)):
+      if data:
+        check_data_path(flag, data)
+        sources.resolve_source(cfg.input, data)
     raise ConfigError("the classes are unknown: pass --num_classes or --label_map, "
                       "or put a labels.txt next to the TFRecords.")
   names = tuple(names)

@@ -3,6 +3,7 @@ import logging
 
 from absl import flags
 
+from estimator_transfer import files
 from estimator_transfer.cli import cluster_job
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
@@ -10,6 +11,7 @@ from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.serving import exporters
 from estimator_transfer.training import experiment as experiment_lib
 from estimator_transfer.training import hooks
+from estimator_transfer.training import loop as loop_lib
 
 log = logging.getLogger("estimator_transfer")
 
@@ -32,14 +34,27 @@ def main(argv):
     log.info("%s", line)
   # Built before training: a bad export setting fails now, not after hours.
   after_evaluation = exporters.build_best_model_callback(experiment)
+  # Taken by the loop after every check passed, before the first write;
+  # held until the final export is published.
+  lock = files.ModelDirLock(cfg.run.model_dir, role="et-train")
   try:
-    step = experiment.train(on_corrupt_checkpoint=flag_values.on_corrupt_checkpoint,
-                            allow_config_change=flag_values.allow_config_change,
-                            extra_files={FLAGS_RECORD: _flags_record()},
-                            after_evaluation=after_evaluation)
+    _train_and_export(experiment, flag_values, after_evaluation, lock)
+  finally:
+    lock.release()
+
+
+def _train_and_export(experiment, flag_values, after_evaluation, lock) -> None:
+  cfg = experiment.config
+  loop = loop_lib.TrainingLoop(experiment, cluster.Task(),
+                               after_evaluation=[after_evaluation] if after_evaluation else [])
+  experiment.outcome = loop.outcome
+  try:
+    outcome = loop.run(on_corrupt_checkpoint=flag_values.on_corrupt_checkpoint,
+                       allow_config_change=flag_values.allow_config_change,
+                       extra_files={FLAGS_RECORD: _flags_record()}, lock=lock)
   except hooks.DivergedError as e:
     common.fail("et-train", e)
-  outcome = experiment.outcome
+  step = outcome.step
   if outcome.preempted:
     # Cluster preemption: a checkpoint is saved; exit 0 at once, no export.
     print(f"et-train: stopped by a signal at step {step} with a checkpoint saved; "

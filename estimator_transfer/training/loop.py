@@ -44,6 +44,7 @@ from estimator_transfer.errors import ConfigError
 from estimator_transfer.evaluation import report as evaluation
 from estimator_transfer.model import model_fn as model_fn_lib
 from estimator_transfer.training import checkpoints
+from estimator_transfer.training import dry_build
 from estimator_transfer.training import early_stopping
 from estimator_transfer.training import evaluator as evaluator_lib
 from estimator_transfer.training import hooks as hooks_lib
@@ -53,6 +54,7 @@ from estimator_transfer.training import warm_start
 log = logging.getLogger("estimator_transfer")
 
 AfterEvaluation = Callable[[Dict[str, float], str], None]
+_FALL_BACK = "<the newest readable checkpoint>"  # resolved under the lock
 
 @dataclasses.dataclass
 class TrainOutcome:
@@ -119,7 +121,8 @@ class TrainingLoop:
     self.outcome = TrainOutcome(role=self.task.name)
 
   def run(self, on_corrupt_checkpoint: str = "error", allow_config_change: bool = False,
-          extra_files: Optional[Dict[str, str]] = None) -> TrainOutcome:
+          extra_files: Optional[Dict[str, str]] = None,
+          lock: Optional[files.ModelDirLock] = None) -> TrainOutcome:
     """Trains (or serves, or evaluates) to `run.max_steps`; re-running resumes.
 
     Args:
@@ -129,6 +132,9 @@ class TrainingLoop:
         from the config saved in model_dir.
       extra_files: name -> text written atomically into model_dir once the
         run is accepted (e.g. the full flags); by the chief only.
+      lock: the model_dir's single-writer lock; the chief (or a local run)
+        acquires it after every check passed, before its first write, and
+        the caller releases it (after the final export).
 
     Returns:
       The TrainOutcome (also `self.outcome`).
@@ -146,7 +152,17 @@ class TrainingLoop:
     if self.task.task_type == cluster.EVALUATOR:
       return self._run_evaluator()
     train_input_fn = self._check_data()
-    source = self._prepare(on_corrupt_checkpoint, allow_config_change, extra_files)
+    # Every check first (data, resume, the whole training graph with the
+    # freeze plan resolved on the backbone): a rejected setting never reaches
+    # model_dir. Then the lock, then the first write.
+    resume, source = self._check_resume(on_corrupt_checkpoint, allow_config_change)
+    if self.task.trains:
+      dry_build.check_training_graph(
+          self.experiment, train_input_fn,
+          resume if resume is not _FALL_BACK and self._strategy is None else None)
+    if lock is not None and self.task.is_chief:
+      lock.acquire()
+    self._prepare(resume, on_corrupt_checkpoint, allow_config_change, source, extra_files)
     with hooks_lib.PreemptionHandler() as preemption:
       if self._evaluates_while_training():
         self._train_evaluate(train_input_fn, preemption, source)
@@ -176,19 +192,38 @@ class TrainingLoop:
                         "training; give --eval_data.")
     return self.experiment.train_input_fn()  # validates the data
 
-  def _prepare(self, on_corrupt: str, allow_config_change: bool,
-               extra_files: Optional[Dict[str, str]]):
-    """The chief's resume check and config record; returns the warm-start source."""
+  def _check_resume(self, on_corrupt: str, allow_config_change: bool):
+    """The chief's read-only resume check: (checkpoint or None, warm-start source).
+
+    A broken latest checkpoint with on_corrupt="previous" is resolved later
+    (`_prepare`), under the lock: the fall-back moves files.
+    """
+    cfg = self.config
+    if not self.task.is_chief:
+      return None, None
+    try:
+      resume = checkpoints.resolve_resume_checkpoint(cfg.run.model_dir, "error")
+    except checkpoints.CheckpointError:
+      if on_corrupt != "previous":
+        raise
+      return _FALL_BACK, None
+    if resume:
+      checkpoints.check_resume_compatible(cfg, resume, allow_config_change)
+      return resume, None
+    if cfg.continual.warm_start_from:
+      return None, warm_start.resolve_source(cfg.continual.warm_start_from)
+    return None, None
+
+  def _prepare(self, resume, on_corrupt: str, allow_config_change: bool, source,
+               extra_files: Optional[Dict[str, str]]) -> None:
+    """The chief's first writes: a pending checkpoint fall-back, the config record."""
     cfg = self.config
     model_dir = cfg.run.model_dir
     if not self.task.is_chief:
-      return None
-    resume = checkpoints.resolve_resume_checkpoint(model_dir, on_corrupt)
-    if resume:
+      return
+    if resume is _FALL_BACK:
+      resume = checkpoints.resolve_resume_checkpoint(model_dir, on_corrupt)
       checkpoints.check_resume_compatible(cfg, resume, allow_config_change)
-    source = None
-    if not resume and cfg.continual.warm_start_from:
-      source = warm_start.resolve_source(cfg.continual.warm_start_from)
     config_lib.save(cfg, model_dir)
     for name, text in (extra_files or {}).items():
       files.write_atomically(os.path.join(model_dir, name), text)
@@ -198,7 +233,6 @@ class TrainingLoop:
       log.info("resuming from %s (global step %d)", resume, checkpoints.step_of(resume))
       if cfg.continual.warm_start_from:
         log.info("--warm_start_from is ignored: %s already holds a checkpoint", model_dir)
-    return source
 
   def _finish(self) -> None:
     latest = tf.train.latest_checkpoint(self.config.run.model_dir)
