@@ -220,7 +220,9 @@ class RunConfig:
   eval_steps: int = setting(
       0, "eval_steps", "Evaluation batches; 0 for the whole eval set.")
   seed: Optional[int] = setting(
-      None, "seed", "Random seed (graph and input order).", kind="integer")
+      None, "seed", "Random seed of everything random (backbone and head init, data "
+      "order, augmentation, dropout, mixup, replay); turns on TF op determinism: the same "
+      "flags on the same machine (CPU) give bit-identical checkpoints.", kind="integer")
   intra_op_threads: int = setting(
       0, "intra_op_threads", "TF intra-op threads; 0 lets TensorFlow choose.")
   inter_op_threads: int = setting(

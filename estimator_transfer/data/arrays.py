@@ -118,7 +118,9 @@ def build_array_input_fn(config: InputConfig, features, labels, training: bool,
         ds = ds.shard(num_shards, index)
       if input_config.shuffle_buffer > 0:
         ds = ds.shuffle(min(len(labels), max(input_config.shuffle_buffer, 1)),
-                        seed=seed, reshuffle_each_iteration=True)
+                        # Explicit even without --seed: see relabel.mix_input_fns.
+                        seed=seed if seed is not None else pipeline.random_base_seed(),
+                        reshuffle_each_iteration=True)
       ds = ds.repeat(num_epochs)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     if training and is_image:

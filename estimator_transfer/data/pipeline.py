@@ -224,7 +224,7 @@ class _Pipeline:
       ds = ds.cache("" if cache == "memory" else self._cache_path(shards))
       if self.training:
         if self.config.shuffle_buffer > 0:
-          ds = ds.shuffle(self.config.shuffle_buffer, seed=self.seed,
+          ds = ds.shuffle(self.config.shuffle_buffer, seed=self.base_seed,
                           reshuffle_each_iteration=True)
         ds = ds.repeat(self.num_epochs)
     return ds

@@ -7,6 +7,7 @@ folders) is mapped onto the model's classes by name as it is read. That is
 what lets a model trained on digits 0-4 continue on shards of digits 5-9
 (whose ids are 0-4 in their own labels.txt) while replaying the old shards.
 """
+import random
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -93,11 +94,16 @@ def mix_input_fns(new_fn, replay_fn, replay_ratio: float, batch_size: int,
   give BatchNorm and each gradient one source at a time) and re-batched.
   """
 
+  # An explicit op seed even without --seed (then a fresh one per process):
+  # with op determinism on (a seeded run earlier in this process) an op
+  # that leans on a graph seed it may not have would raise.
+  op_seed = seed if seed is not None else random.SystemRandom().randrange(1, 2**31)
+
   def mixed_input_fn(params=None, config=None, input_context=None):
     new = _call(new_fn, params, config, input_context).unbatch()
     old = _call(replay_fn, params, config, input_context).unbatch()
     ds = tf.data.Dataset.sample_from_datasets(
-        [new, old], weights=[1.0 - replay_ratio, replay_ratio], seed=seed)
+        [new, old], weights=[1.0 - replay_ratio, replay_ratio], seed=op_seed)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
   return mixed_input_fn

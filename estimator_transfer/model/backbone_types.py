@@ -105,8 +105,8 @@ class ResolvedBackbone:
   # policy; a saved module runs in the dtypes it was saved with).
   MIXED_PRECISION = False
 
-  def instantiate(self, images, plan, training: bool,
-                  policy: str = "float32") -> BackboneOutput:
+  def instantiate(self, images, plan, training: bool, policy: str = "float32",
+                  seed: Optional[int] = None) -> BackboneOutput:
     """Builds the backbone in the current graph and applies it to `images`.
 
     Args:
@@ -117,6 +117,8 @@ class ResolvedBackbone:
       policy: the Keras dtype policy of a Keras backbone (float32,
         mixed_float16, mixed_bfloat16); variables stay float32 and the
         features are float32 whatever the policy.
+      seed: --seed; fixes the initial values of weights drawn at random
+        (`--backbone_weights=none`). None: new values in every process.
 
     Returns:
       A BackboneOutput.
@@ -143,6 +145,8 @@ class ResolvedBackbone:
       raise ConfigError(f"--mixed_precision={policy} applies to Keras backbones, but "
                         f"{self.description} runs in the dtypes it was saved with; "
                         "drop --mixed_precision.")
+    if seed is not None:
+      seed_keras_initializers(seed)
     out = self._build(x, stages, stage_index, training, policy)
     out.stage_index = stage_index
     return out
@@ -155,6 +159,24 @@ class ResolvedBackbone:
 # ----------------------------------------------------------------------------
 # Helpers the kinds share
 # ----------------------------------------------------------------------------
+
+
+def seed_keras_initializers(seed: int) -> None:
+  """Makes the Keras layers built next draw their initial values from `seed`.
+
+  A Keras initializer without a seed of its own (every layer of a backbone
+  rebuilt from its config) takes one from Keras' seed generator, which is
+  Python's `random` unless `tf.keras.utils.set_random_seed` set it: the
+  graph-level seed never reaches it, so two runs with the same --seed drew
+  different backbones. Reset on every call, so each graph built for one
+  config (training segment, evaluation, export, feature extraction) draws
+  the same values, however many graphs this process built before.
+
+  `set_random_seed` also seeds Python's and NumPy's global generators and
+  sets the default graph's seed (the Estimator's graph already has this one);
+  nothing here draws from those expecting variety.
+  """
+  tf.keras.utils.set_random_seed(int(seed))
 
 
 def training_mode(trains_per_stage: Sequence[bool], stage_index, training: bool):

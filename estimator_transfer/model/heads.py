@@ -16,6 +16,7 @@ its class (multi-label: each class term by its weight), like Keras'
 `class_weight`: loss = mean_i(w_i * l_i). They shape training only; the
 evaluation loss is unweighted, so runs with different weights compare.
 """
+import random
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -55,8 +56,12 @@ class Head:
       self._layers.append(tf.keras.layers.Dense(units, activation="relu",
                                                 kernel_initializer=kernel_init(i),
                                                 name=f"head_hidden_{i}"))
-    self._dropout = tf.keras.layers.Dropout(config.dropout_rate, name="head_dropout",
-                                            seed=seed)
+    # An explicit seed even without --seed (a fresh one): with op determinism
+    # on (a seeded run earlier in this process) an unseeded dropout raises in
+    # a graph without a graph seed.
+    self._dropout = tf.keras.layers.Dropout(
+        config.dropout_rate, name="head_dropout",
+        seed=seed if seed is not None else random.SystemRandom().randrange(1, 2**31))
     self._logits = tf.keras.layers.Dense(self.num_outputs,
                                          kernel_initializer=kernel_init(len(self._layers)),
                                          name="head_logits")

@@ -100,7 +100,10 @@ def _backbone(config, resolved, setup, features, labels, training):
   images = _model_input(features)
   if training and images.shape.rank == 4:
     _input_summaries(config, images, labels)
-  return resolved.instantiate(images, plan, training, policy=config.run.mixed_precision)
+  # --seed fixes a random backbone init (--backbone_weights=none) in every
+  # mode's graph alike (backbone_types.seed_keras_initializers).
+  return resolved.instantiate(images, plan, training, policy=config.run.mixed_precision,
+                              seed=config.run.seed)
 
 
 def _freeze_plan(config, setup, training):

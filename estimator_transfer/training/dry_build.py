@@ -15,6 +15,7 @@ import tensorflow as tf
 from estimator_transfer import specs
 from estimator_transfer.model import model_fn as model_fn_lib
 from estimator_transfer.training import checkpoints
+from estimator_transfer.training import run_config
 
 log = logging.getLogger("estimator_transfer")
 
@@ -48,6 +49,8 @@ def check_training_graph(experiment, input_fn, resume: Optional[str] = None) -> 
   log.setLevel(logging.WARNING)  # the real build logs the freeze plan
   try:
     with tf.Graph().as_default():
+      # As the Estimator's graph: under op determinism unseeded ops would raise.
+      tf.compat.v1.set_random_seed(run_config.graph_seed(cfg.run.seed))
       dataset = input_fn()
       if isinstance(dataset, tf.data.Dataset):
         features, labels = tf.compat.v1.data.make_initializable_iterator(dataset).get_next()

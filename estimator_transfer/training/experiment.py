@@ -37,6 +37,8 @@ class Experiment:
     config.validate()
     if not config.run.model_dir:
       raise ConfigError("--model_dir is required: the directory for checkpoints.")
+    # Before anything runs a graph (resolving loads the backbone).
+    run_config.enable_determinism(config.run.seed)
     self.backbone = backbones.resolve(config.backbone)
     if config.backbone.image_size != self.backbone.image_size:
       config = config.replace(backbone__image_size=self.backbone.image_size)

@@ -1,10 +1,42 @@
 """The one RunConfig builder: local runs and every TF_CONFIG role."""
+import random
 from typing import Optional
 
 import tensorflow as tf
 
 from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.config import ExperimentConfig
+
+
+_determinism = {"on": False}  # whether a seeded run of this process turned it on
+
+
+def enable_determinism(seed: Optional[int]) -> None:
+  """With --seed: TensorFlow's op determinism, for the rest of this process.
+
+  Process-global state (`tf.config.experimental.enable_op_determinism`), so
+  only a seeded run turns it on, before its first graph runs, and nothing
+  turns it off: it stays on for every later graph of the process. Ops
+  without a deterministic kernel raise instead of varying (none that
+  training uses on CPU), tf.data keeps its order (a seeded pipeline asks for
+  that anyway), and random ops with no seed at all raise: an unseeded run
+  later in the same process gets a graph seed of its own (`graph_seed`).
+  """
+  if seed is not None:
+    tf.config.experimental.enable_op_determinism()
+    _determinism["on"] = True
+
+
+def graph_seed(seed: Optional[int]) -> Optional[int]:
+  """The Estimator's graph seed: --seed; without it None, or a fresh one.
+
+  A fresh one only once op determinism is on (a seeded run came first in
+  this process): unseeded random ops would raise there, and the run stays
+  as random as without determinism.
+  """
+  if seed is not None or not _determinism["on"]:
+    return seed
+  return random.SystemRandom().randrange(1, 2**31)
 
 
 def build_run_config(config: ExperimentConfig, task: Optional[cluster.Task] = None,
@@ -27,6 +59,7 @@ def build_run_config(config: ExperimentConfig, task: Optional[cluster.Task] = No
     ConfigError: the distribution does not fit the cluster.
   """
   r = config.run
+  enable_determinism(r.seed)
   if task is None:
     task, distribution, train_distribute = cluster.Task(), "none", None
   else:
@@ -35,7 +68,7 @@ def build_run_config(config: ExperimentConfig, task: Optional[cluster.Task] = No
     train_distribute = strategy or cluster.build_strategy(distribution, task)
   return tf.estimator.RunConfig(
       model_dir=r.model_dir,
-      tf_random_seed=r.seed,
+      tf_random_seed=graph_seed(r.seed),
       save_checkpoints_steps=r.save_checkpoints_steps,
       save_checkpoints_secs=None,
       keep_checkpoint_max=r.keep_checkpoint_max,
