@@ -17,10 +17,10 @@ from absl import flags
 
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
+from estimator_transfer.cli import trained_model
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.evaluation import export_eval
 from estimator_transfer.evaluation import report as evaluation
-from estimator_transfer.training import early_stopping
 from estimator_transfer.training import experiment as runner
 
 
@@ -47,32 +47,24 @@ def _print_summary(report, what):
         f"{report.get('eval_data', '')} ({what})")
 
 
-def _checkpoint(model_dir: str, value: str):
-  """The checkpoint --checkpoint_path names: None for latest, the best's path for best."""
-  if value in ("", "latest"):
-    return None
-  if value == "best":
-    best = early_stopping.LoopState.load(model_dir).best_path(model_dir)
-    if not best:
-      raise ConfigError(f"{model_dir} has no best checkpoint yet; train with "
-                        "--eval_data and --early_stopping_metric, or use "
-                        "--checkpoint_path=latest.")
-    return best
-  return value
-
-
 def _evaluate_export(f) -> None:
   """et-evaluate --export_path: the export's report, next to its versions by default."""
   if not f.eval_data:
     raise ConfigError("--eval_data is required to evaluate an export.")
   if not os.path.exists(f.export_path):
     raise ConfigError(f"--export_path={f.export_path} does not exist.")
+  if (f.eval_batch_size or f.batch_size) < 1:
+    raise ConfigError("--eval_batch_size (or --batch_size) must be at least 1.")
+  trained_model.check_output_dir(f.eval_output_dir, "--eval_output_dir")
   try:
     report = export_eval.evaluate_export(f.export_path, f.eval_data, f.image_key,
                                          f.label_key, f.eval_batch_size or f.batch_size)
+  except ConfigError:
+    raise
   except ValueError as e:
-    raise ConfigError(f"cannot evaluate {f.export_path}: {e}.") from e
+    raise ConfigError(f"cannot evaluate {f.export_path}: {str(e).rstrip('.')}.") from e
   out = f.eval_output_dir or os.path.dirname(os.path.abspath(report["export"].rstrip("/")))
+  trained_model.check_output_dir(out, "--eval_output_dir")
   paths = evaluation.write_report(report, out)
   _print_summary(report, f"export {f.export_path}")
   print(f"et-evaluate: report {paths['json']}")
@@ -84,9 +76,13 @@ def main(argv):
   if f.export_path:
     _evaluate_export(f)
     return
+  trained_model.check_model_dir(f.model_dir, f.checkpoint_path)
   cfg = et_flags.flags_to_config(f)
+  trained_model.check_same_classes(cfg, cfg.run.model_dir)
+  trained_model.check_output_dir(f.eval_output_dir or cfg.run.model_dir,
+                                 "--eval_output_dir" if f.eval_output_dir else "--model_dir")
+  checkpoint = trained_model.resolve_checkpoint(cfg.run.model_dir, f.checkpoint_path)
   experiment = runner.Experiment(cfg)
-  checkpoint = _checkpoint(cfg.run.model_dir, f.checkpoint_path)
   experiment.evaluate(checkpoint_path=checkpoint, output_dir=f.eval_output_dir or None)
   report = experiment.last_report
   _print_summary(report, os.path.basename(report.get("checkpoint", "")) or "latest")

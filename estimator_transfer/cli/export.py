@@ -5,9 +5,13 @@ every signature is run on sample inputs before it is published (see
 et-inspect-export); if one fails, nothing is published and the exit code is 1.
 """
 from absl import flags
+import tensorflow as tf
+
+from estimator_transfer import files
 
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
+from estimator_transfer.cli import trained_model
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.serving import inspect as inspection
 from estimator_transfer.training import experiment as runner
@@ -25,7 +29,11 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  trained_model.check_model_dir(FLAGS.model_dir, FLAGS.checkpoint_path)
   cfg = et_flags.flags_to_config(FLAGS)
+  trained_model.check_same_classes(cfg, cfg.run.model_dir)
+  trained_model.check_output_dir(cfg.export.export_dir, "--export_dir")
+  checkpoint = trained_model.resolve_checkpoint(cfg.run.model_dir, FLAGS.checkpoint_path)
   experiment = runner.Experiment(cfg)
 
   def verify(path):
@@ -37,8 +45,14 @@ def main(argv):
       raise ConfigError(f"check failed for '{failed[0].name}' ({failed[0].message}); "
                         "nothing was published")
 
-  path = experiment.export(checkpoint_path=FLAGS.checkpoint_path or None,
-                           verify=verify if FLAGS.check else None)
+  try:
+    path = experiment.export(checkpoint_path=checkpoint,
+                             verify=verify if FLAGS.check else None)
+  except (OSError, tf.errors.OpError) as e:
+    storage = files.storage_error(e, cfg.export.export_dir)
+    if storage is None:
+      raise
+    raise storage from None
   print(f"et-export: wrote {path}")
 
 

@@ -34,12 +34,14 @@ def main(argv):
   if not FLAGS.export_dir:
     raise ConfigError("--export_dir is required: a SavedModel version directory "
                       "or a TF Serving base path.")
+  if FLAGS.check_batch < 1:
+    raise ConfigError(f"--check_batch={FLAGS.check_batch} must be at least 1.")
   path = versions.latest_version(FLAGS.export_dir)
   print(f"SavedModel {path}")
   print(inspection.format_signatures(inspection.describe(path)), end="")
   if not FLAGS.run:
     return
-  results = inspection.check_saved_model(path, batch=max(FLAGS.check_batch, 1))
+  results = inspection.check_saved_model(path, batch=FLAGS.check_batch)
   print(inspection.format_results(results), end="")
   failed = inspection.failures(results)
   if failed:

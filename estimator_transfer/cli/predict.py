@@ -12,11 +12,15 @@ error for an image that could not be read or decoded (the job goes on). With
 --num_shards=N --shard_index=i, a job predicts every N-th input from i.
 """
 import logging
+import os
 
 from absl import flags
 
+from estimator_transfer import files
+
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
+from estimator_transfer.cli import trained_model
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.serving import exporters
 from estimator_transfer.serving import predictor as predict
@@ -52,12 +56,18 @@ def main(argv):
                       f"--num_shards={FLAGS.num_shards}).")
   if FLAGS.batch_size < 1:
     raise ConfigError("--batch_size must be positive.")
+  trained_model.check_output_file(FLAGS.output, "--output")
   predictor, image_key = _predictor()
   try:
     items = predict.shard(predict.iter_items(FLAGS.predict_data, image_key),
                           FLAGS.shard_index, FLAGS.num_shards)
     rows = predict.predict_rows(predictor, items, FLAGS.batch_size, FLAGS.top_k)
     counts = predict.write_predictions(rows, FLAGS.output)
+  except OSError as e:
+    storage = files.storage_error(e, os.path.dirname(os.path.abspath(FLAGS.output)))
+    if storage is None:
+      raise
+    raise storage from None
   finally:
     predictor.close()
   print(f"et-predict: wrote {counts['rows']} rows to {FLAGS.output} "
@@ -74,13 +84,16 @@ def _predictor():
   if not FLAGS.model_dir:
     raise ConfigError("give --export_dir (a SavedModel or TF Serving base path) or "
                       "--model_dir (a trained model) to predict with.")
+  trained_model.check_model_dir(FLAGS.model_dir, FLAGS.checkpoint_path)
   cfg = et_flags.flags_to_config(FLAGS)
+  trained_model.check_same_classes(cfg, cfg.run.model_dir)
+  checkpoint = trained_model.resolve_checkpoint(cfg.run.model_dir, FLAGS.checkpoint_path)
   experiment = runner.Experiment(cfg)
   options = exporters.export_options(experiment.config, experiment.image_size,
                                      with_warmup=False)
   predictor = predict.Predictor.from_estimator(
       experiment.estimator, options, experiment.config.head.class_names,
-      checkpoint_path=experiment.servable_checkpoint(FLAGS.checkpoint_path or None))
+      checkpoint_path=experiment.servable_checkpoint(checkpoint))
   return predictor, experiment.config.input.image_key
 
 

@@ -14,6 +14,7 @@ processes that import only it (through `convert_job`), so they start fast.
 import dataclasses
 import io
 import os
+import stat as stat_lib
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -66,7 +67,9 @@ def list_class_folders(image_dir: str, output_dir: str) -> Tuple[List[str], List
     if entry.startswith("."):
       ignored.append({"path": entry, "reason": "hidden file or folder"})
     elif os.path.isdir(full):
-      if not _inside(full, output_dir):
+      # Only an --output_dir inside image_dir is skipped (image_dir may well
+      # lie inside output_dir).
+      if not (_inside(output_dir, image_dir) and _inside(full, output_dir)):
         folders.append(entry)
     else:
       ignored.append({"path": entry, "reason": "not in a class folder"})
@@ -74,6 +77,23 @@ def list_class_folders(image_dir: str, output_dir: str) -> Tuple[List[str], List
     raise ConfigError(f"{image_dir} has no class sub-folders; put the images of each "
                       "class in their own folder (e.g. images/cats/*.jpg).")
   return folders, ignored
+
+
+def check_output_dir(output_dir: str, image_dir: str) -> None:
+  """Refuses an --output_dir that cannot be a directory or would hide a class."""
+  if "://" in output_dir:
+    return
+  probe = os.path.abspath(output_dir)
+  while probe and not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if probe and not os.path.isdir(probe):
+    raise ConfigError(f"--output_dir={output_dir}: {probe} is a file, not a "
+                      "directory; choose another --output_dir.")
+  parent = os.path.dirname(os.path.realpath(output_dir))
+  if parent == os.path.realpath(image_dir):
+    raise ConfigError(f"--output_dir={output_dir} is a class folder of --image_dir "
+                      "(its images would be left out); choose a directory outside "
+                      "the class folders.")
 
 
 def check_folders_in_label_map(folders: Sequence[str], names: Sequence[str],
@@ -130,6 +150,8 @@ def _candidate(dirpath: str, rel_dir: str, filename: str, label: int, folder: st
     stat = os.stat(path)
   except OSError as e:
     return None, f"cannot stat: {e.strerror}"
+  if not stat_lib.S_ISREG(stat.st_mode):
+    return None, "not a regular file (a FIFO, socket or device)"
   return ImageItem(_rel(rel_dir, filename), path, label, folder, stat.st_size,
                    stat.st_mtime_ns), None
 

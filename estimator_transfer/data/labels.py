@@ -12,8 +12,29 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
 def _read_names(path: str) -> List[str]:
-  with tf.io.gfile.GFile(path) as f:
-    return [line.strip() for line in f if line.strip()]
+  """The names, one per line; trailing blank lines are allowed, inner ones not.
+
+  Raises:
+    ConfigError: not a regular text file, or a blank line between names
+      (line i is class i, so a blank line would shift every id after it).
+  """
+  if "://" not in path and os.path.exists(path) and not os.path.isfile(path):
+    raise ConfigError(f"label map {path} is not a regular file (a directory, FIFO "
+                      "or device); give a text file with one class name per line.")
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except UnicodeDecodeError:
+    raise ConfigError(f"label map {path} is not UTF-8 text (a binary file?); give a "
+                      "text file with one class name per line.") from None
+  lines = [line.strip() for line in text.splitlines()]
+  while lines and not lines[-1]:
+    lines.pop()
+  if any(not line for line in lines) and any(lines):
+    blank = lines.index("") + 1
+    raise ConfigError(f"line {blank} of label map {path} is blank; line i names class "
+                      "i, so remove the blank line (or name the class).")
+  return [line for line in lines if line]
 
 
 def read_labels_file(path: str) -> List[str]:
@@ -30,7 +51,10 @@ def read_labels_file(path: str) -> List[str]:
 
 
 def _require_label_map(path: str) -> None:
-  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+  if tf.io.gfile.isdir(path):
+    raise ConfigError(f"--label_map={path} is a directory; give a text file with "
+                      "one class name per line.")
+  if not tf.io.gfile.exists(path):
     raise ConfigError(f"--label_map={path} does not exist; give a text "
                       "file with one class name per line.")
 
@@ -109,8 +133,7 @@ def class_names_for(data: str, label_map: str = "") -> Optional[List[str]]:
   labels.txt next to them).
   """
   if label_map:
-    _require_label_map(label_map)
-    return read_labels_file(label_map)
+    return read_label_map(label_map)
   if not data:
     return None
   if is_image_folder(data):

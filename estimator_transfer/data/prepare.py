@@ -27,6 +27,7 @@ Decisions worth knowing:
 The conversion runs in spawned worker processes that import only
 `images.py`, which never imports TensorFlow, so they start fast.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,7 @@ import multiprocessing
 import os
 import sys
 import time
+import types
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import tensorflow as tf
@@ -117,6 +119,7 @@ class PrepareConfig:
         raise ConfigError(message)
     if os.path.realpath(self.image_dir) == os.path.realpath(self.output_dir):
       raise ConfigError("--output_dir must differ from --image_dir.")
+    images.check_output_dir(self.output_dir, self.image_dir)
     return self
 
 
@@ -216,6 +219,21 @@ class _Progress:
     percent = 100.0 * self.done / max(self.total, 1)
     self.write(f"{self.done}/{self.total} images ({percent:.0f}%), {self.bad} bad, "
                f"{rate:.0f} images/s, eta {eta}")
+
+
+@contextlib.contextmanager
+def _plain_main():
+  """Hides the __main__ module while worker processes are spawned.
+
+  A spawned worker re-imports the parent's __main__ (the console script, which
+  imports TensorFlow: seconds per worker); the workers need only images.py.
+  """
+  main = sys.modules.get("__main__")
+  sys.modules["__main__"] = types.ModuleType("__main__")
+  try:
+    yield
+  finally:
+    sys.modules["__main__"] = main
 
 
 def _add(into: Dict[str, int], counts: Dict[str, int]) -> None:
@@ -324,7 +342,8 @@ class _Run:
     if not items:
       return []
     if self._pool is None:
-      self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+      with _plain_main():
+        self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
     c = self.config
     jobs = [(it.relpath, it.path, c.jpeg_quality, c.max_image_side, c.max_image_pixels)
             for it in items]
@@ -379,6 +398,22 @@ def prepare(config: PrepareConfig,
   """
   config.validate()
   names, items, ignored = list_images(config)
+  if not items:
+    example = f" (e.g. {ignored[0]['path']}: {ignored[0]['reason']})" if ignored else ""
+    raise ConfigError(f"no images in the class folders of {config.image_dir}; "
+                      f"{len(ignored)} files were ignored{example}: add .jpg/.png "
+                      "images to the class folders.")
+  out = config.output_dir
+  try:
+    return _prepare(config, names, items, ignored, log)
+  except (OSError, tf.errors.OpError) as e:
+    storage = files.storage_error(e, out)
+    if storage is None:
+      raise
+    raise storage from None
+
+
+def _prepare(config: PrepareConfig, names, items, ignored, log) -> dict:
   out = config.output_dir
   tf.io.gfile.makedirs(out)
   shard_counts = shards_per_split(config)

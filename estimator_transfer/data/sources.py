@@ -53,11 +53,24 @@ def list_tfrecord_files(data: str) -> List[str]:
   else:
     found = []
   found = sorted(f for f in found if not _is_temporary(f))
+  special = [f for f in found if not _is_plain_file(f)]
+  if special:
+    raise ConfigError(f"{special[0]} is not a regular file (a directory, FIFO or "
+                      "device); give TFRecord files, a directory of shards or an "
+                      "image folder.")
+  if not found and os.path.islink(data):
+    raise ConfigError(f"{data} is a broken symbolic link (to {os.readlink(data)}); "
+                      "fix the link or give the data's real path.")
   if not found:
     raise ConfigError(f"no TFRecord files found at {data}; give a file, a glob "
                       "such as data/train-*, a directory of *.tfrecord shards, "
                       "or an image folder with one sub-folder per class.")
   return found
+
+
+def _is_plain_file(path: str) -> bool:
+  """True for a regular file (or any remote path): a FIFO would block readers."""
+  return files_lib.is_remote(path) or os.path.isfile(path)
 
 
 def list_image_folder(path: str, class_names: Sequence[str] = ()
@@ -87,8 +100,9 @@ def list_image_folder(path: str, class_names: Sequence[str] = ()
       for filename in sorted(filenames):
         if filename.startswith("."):
           continue
-        if filename.lower().endswith(labels_lib.IMAGE_EXTENSIONS):
-          found.append(os.path.join(root, filename))
+        full = os.path.join(root, filename)
+        if filename.lower().endswith(labels_lib.IMAGE_EXTENSIONS) and _is_plain_file(full):
+          found.append(full)
           found_ids.append(label)
   if not found:
     raise ConfigError(f"no images (jpg, png, gif, bmp) found under {path}; check "

@@ -4,16 +4,21 @@ The labelled images go through the export's image-bytes `predict` signature,
 so its own decoding and resizing are what is measured; the numbers land in the
 same report as a checkpoint evaluation (`report.full_report`).
 """
+import logging
 from typing import Dict, Iterable, Iterator, List, Tuple
 
+from google.protobuf.message import DecodeError
 import numpy as np
 import tensorflow as tf
 
 from estimator_transfer.data import sources
 from estimator_transfer.data import labels as labels_lib
+from estimator_transfer.data import tfrecords
 from estimator_transfer.evaluation import report as report_lib
 from estimator_transfer.model import metrics
 from estimator_transfer.serving import predictor as predictor_lib
+
+log = logging.getLogger("estimator_transfer")
 
 
 def labelled_images(data: str, image_key: str, label_key: str) -> Iterator[Tuple[bytes, int]]:
@@ -30,16 +35,35 @@ def labelled_images(data: str, image_key: str, label_key: str) -> Iterator[Tuple
   if labels_lib.is_image_folder(data):
     files, ids, _ = sources.list_image_folder(data)
     for path, label in zip(files, ids):
-      with tf.io.gfile.GFile(path, "rb") as f:
-        yield f.read(), label
+      try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+          yield f.read(), label
+      except tf.errors.OpError as e:
+        log.warning("skipped %s: %s", path, e.message.splitlines()[0])
     return
-  for path in sources.list_tfrecord_files(data):
+  paths = sources.list_tfrecord_files(data)
+  for path in paths:
+    list(tfrecords.read_records(path, 1))  # not a TFRecord file at all: one sentence
+  for path in paths:
+    yield from _file_examples(path, image_key, label_key)
+
+
+def _file_examples(path: str, image_key: str, label_key: str):
+  """(image, label) of one TFRecord file; a truncated or corrupt tail is skipped."""
+  count = 0
+  try:
     for record in tf.compat.v1.io.tf_record_iterator(path):
-      example = tf.train.Example.FromString(record)
-      feature = example.features.feature
+      count += 1
+      try:
+        feature = tf.train.Example.FromString(record).features.feature
+      except DecodeError:
+        continue
       if image_key not in feature or label_key not in feature:
         continue
       yield feature[image_key].bytes_list.value[0], int(feature[label_key].int64_list.value[0])
+  except tf.errors.DataLossError:
+    log.warning("skipped the rest of %s after its first %d record(s) (a truncated or "
+                "corrupt TFRecord file)", path, count)
 
 
 def _predict_batch(predictor, images: List[bytes], labels: List[int]):

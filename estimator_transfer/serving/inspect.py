@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 
 from estimator_transfer.errors import ConfigError
@@ -60,8 +61,13 @@ def _meta_graph(saved_model_dir: str):
   if not tf.io.gfile.exists(path):
     raise ConfigError(f"{saved_model_dir} has no saved_model.pb; give a version "
                       "directory or a TF Serving base path with versions.")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+  except (DecodeError, tf.errors.OpError) as e:
+    raise ConfigError(f"{path} is not a readable SavedModel (truncated, half-written "
+                      f"or another kind of file: {error_line(e) or 'cannot parse'}); "
+                      "re-export that version or remove it.") from None
   for meta_graph in saved_model.meta_graphs:
     if tf.saved_model.SERVING in meta_graph.meta_info_def.tags:
       return meta_graph

@@ -21,6 +21,7 @@ import tensorflow as tf
 from estimator_transfer import files
 from estimator_transfer.data import sources
 from estimator_transfer.data import labels as labels_lib
+from estimator_transfer.data import tfrecords
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.serving import inspect as inspection
 from estimator_transfer.serving import saved_model
@@ -67,9 +68,15 @@ class Predictor:
     metadata = saved_model.read_metadata(path)
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph)
-    with graph.as_default():
-      tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], path)
-    log.info("et-predict: model %s", path)
+    try:
+      with graph.as_default():
+        tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], path)
+    except (tf.errors.OpError, ValueError, RuntimeError) as e:
+      session.close()
+      raise ConfigError(f"cannot load the SavedModel {path}: its variables are missing, "
+                        f"truncated or corrupt ({inspection.error_line(e)}); re-export "
+                        "that version or remove it.") from None
+    log.info("model %s", path)
     return cls(session, signature, metadata.get("class_names") or ())
 
   @classmethod
@@ -81,7 +88,7 @@ class Predictor:
     serving = saved_model.build_serving_graph(estimator, options, checkpoint_path)
     name = signatures_lib.PREDICT_SIGNATURE
     signature = inspection.signature_info(name, serving.signature_defs[name])
-    log.info("et-predict: checkpoint %s", serving.checkpoint_path)
+    log.info("checkpoint %s", serving.checkpoint_path)
     return cls(serving.session(estimator.config.session_config), signature, class_names)
 
   def __call__(self, images: List[bytes]) -> Dict[str, np.ndarray]:
@@ -134,10 +141,35 @@ def iter_items(data: str, image_key: str = "image/encoded") -> Iterator[Item]:
   elif _is_image(data):
     if not tf.io.gfile.exists(data):
       raise ConfigError(f"--predict_data={data} does not exist.")
+    if not _is_regular(data):
+      raise ConfigError(f"--predict_data={data} is not a regular file (a FIFO or "
+                        "device); give an image, a folder or TFRecords.")
     yield _read_item(data)
   else:
-    spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
-    for path in sources.list_tfrecord_files(data):
+    yield from _record_items(data, image_key)
+
+
+def _is_regular(path: str) -> bool:
+  """False for a local FIFO, socket or device (opening a FIFO blocks forever)."""
+  return "://" in path or not os.path.exists(path) or os.path.isfile(path) or \
+      os.path.isdir(path)
+
+
+def _record_items(data: str, image_key: str) -> Iterator[Item]:
+  """Items of TFRecords; a truncated file's unreadable tail is one error row."""
+  paths = sources.list_tfrecord_files(data)
+  for path in paths:
+    if not _is_regular(path):
+      raise ConfigError(f"--predict_data={path} is not a regular file (a FIFO or "
+                        "device); give an image, a folder or TFRecords.")
+    list(tfrecords.read_records(path, 1))  # not a TFRecord file at all: one sentence
+  if not any(tf.io.gfile.stat(p).length for p in paths):
+    raise ConfigError(f"--predict_data={data}: the TFRecord files are all empty "
+                      f"({paths[0]}...); re-create them or give images.")
+  spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
+  for path in paths:
+    index = 0
+    try:
       for index, record in enumerate(tf.data.TFRecordDataset(path)):
         key = f"{path}:{index}"
         try:
@@ -146,9 +178,16 @@ def iter_items(data: str, image_key: str = "image/encoded") -> Iterator[Item]:
           yield Item(key, None, "not a tf.Example")
           continue
         yield Item(key, image or None, "" if image else f"no '{image_key}' feature")
+    except tf.errors.DataLossError:
+      log.warning("%s is truncated or corrupt after record %d; its other records "
+                  "were predicted", path, index)
+      yield Item(f"{path}:{index}+", None, "truncated or corrupt TFRecord: the rest "
+                 "of the file is unreadable")
 
 
 def _read_item(path: str) -> Item:
+  if not _is_regular(path):
+    return Item(path, None, "not a regular file (a FIFO or device)")
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
       return Item(path, f.read())

@@ -42,10 +42,20 @@ def latest_version(path: str) -> str:
   """
   if tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
     return path
+  if not tf.io.gfile.exists(path):
+    raise ConfigError(f"{path} does not exist; give a SavedModel version directory or "
+                      "a TF Serving base path.")
   versions = list_versions(path)
   if not versions:
     raise ConfigError(f"{path} is not a SavedModel and has no version "
                       "directories (<n>/saved_model.pb); check the path.")
+  newest = int(os.path.basename(versions[-1]))
+  for name in tf.io.gfile.listdir(path):
+    name = name.rstrip("/")
+    if name.isdigit() and int(name) > newest:
+      log.warning("%s has no %s (an incomplete version: TF Serving would fail to load "
+                  "it); using %s", os.path.join(path, name), SAVED_MODEL_FILENAME,
+                  versions[-1])
   return versions[-1]
 
 
