@@ -139,10 +139,24 @@ def _written_directory(error: BaseException) -> str:
   return model_dir or "the output directory"
 
 
+def _show_in_help(flag_values) -> None:
+  """Makes --help list the script's own flags (absl lists only __main__'s).
+
+  A console script's __main__ defines no flags itself, so every flag defined
+  by estimator_transfer becomes a key flag of the main module.
+  """
+  main_module = sys.argv[0]
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if module.startswith("estimator_transfer"):
+      for flag in module_flags:
+        flag_values.register_key_flag_for_module(main_module, flag)
+
+
 def run_main(prog: str, define_flags, main) -> None:
   """Defines flags, parses argv (bad flags -> one line, exit 1), runs main."""
   quiet_tensorflow()
   define_flags()
+  _show_in_help(flags.FLAGS)
 
   def parse(argv):
     try:

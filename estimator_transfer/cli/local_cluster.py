@@ -273,6 +273,12 @@ def main(train_args: List[str]) -> None:
   if FLAGS.workers < 0 or FLAGS.ps < 0:
     _say("error: --workers and --ps must not be negative")
     sys.exit(1)
+  if FLAGS.timeout_secs < 1 or FLAGS.finish_grace_secs < 0:
+    _say("error: --timeout_secs must be at least 1 and --finish_grace_secs not negative")
+    sys.exit(1)
+  if FLAGS.logs and os.path.exists(FLAGS.logs) and not os.path.isdir(FLAGS.logs):
+    _say(f"error: --logs={FLAGS.logs} is a file; give a directory for the task logs")
+    sys.exit(1)
   code = launch(train_args, workers=FLAGS.workers, ps=FLAGS.ps,
                 evaluator=FLAGS.evaluator, log_dir=FLAGS.logs,
                 timeout_secs=FLAGS.timeout_secs,

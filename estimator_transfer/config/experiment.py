@@ -120,10 +120,19 @@ def load(model_dir: str) -> Optional[ExperimentConfig]:
     ConfigError: the file is not a config this version can read.
   """
   path = os.path.join(model_dir, CONFIG_FILENAME)
-  text = files.read_text(path)
+  try:
+    text = files.read_text(path)
+  except NotADirectoryError:
+    raise ConfigError(f"--model_dir={model_dir} is a file, not a directory; give the "
+                      "directory of a run, or a new one.") from None
+  except IsADirectoryError:
+    raise ConfigError(f"{path} is a directory, not a config file; remove it or start a "
+                      "new --model_dir.") from None
   if text is None:
     return None
   try:
+    if not isinstance(json.loads(text), dict):
+      raise ValueError("not a JSON object")
     return ExperimentConfig.from_json(text)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"{path} is not a valid estimator-transfer config ({e}); "
