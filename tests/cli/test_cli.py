@@ -106,6 +106,10 @@ def test_missing_model_dir_is_clear(tiny_data):
 
 
 def test_evaluate_without_checkpoint_is_clear(tmp_path, tiny_data, tiny_backbone):
+  result = run_cli("et-evaluate", f"--model_dir={tmp_path / 'missing'}",
+                   f"--backbone={tiny_backbone['h5']}", f"--eval_data={tiny_data['eval']}")
+  assert "does not exist" in _one_error_line(result, "et-evaluate")
+  (tmp_path / "empty").mkdir()
   result = run_cli("et-evaluate", f"--model_dir={tmp_path / 'empty'}",
                    f"--backbone={tiny_backbone['h5']}", f"--eval_data={tiny_data['eval']}")
-  assert "no checkpoint in" in _one_error_line(result, "et-evaluate")
+  assert "holds no trained model" in _one_error_line(result, "et-evaluate")

@@ -133,7 +133,8 @@ def test_replace_accepts_the_old_field_name(make_config):
          guards__metric_mode="max"),  # right for both
 ])
 def test_one_metric_mode_for_both_metrics(make_config, overrides):
-  make_config(**overrides).validate()
+  cfg = make_config(**overrides)
+  assert cfg.validate() is cfg  # accepted: validate() raises on a refused mode
 
 
 def test_a_mode_wrong_for_one_of_two_metrics_is_refused(make_config):
