@@ -142,8 +142,7 @@ class Extractor:
       # The dtype policy (--mixed_precision) the model_fn builds the backbone
       # with: cached features are what training and serving would compute.
       policy = key_lib.policy(config)
-      # --seed pins a randomly initialised backbone (--backbone_weights=none) too.
-      out = resolved.instantiate(images, "all", training=False, seed=config.run.seed,
+      out = resolved.instantiate(images, "all", training=False,
                                  **({"policy": policy} if policy != "float32" else {}))
       self.features = out.features
       self.feature_dim = int(out.features.shape[-1])
