@@ -180,3 +180,15 @@ def demo_assets(tmp_path_factory):
   assert backbone.returncode == 0, backbone.stderr[-2000:]
   return {"root": root, "data": str(root / "demo_data"),
           "backbone": str(root / "demo_backbone"), "stdout": data.stdout + backbone.stdout}
+
+
+@pytest.fixture
+def cache_config(make_config, tmp_path):
+  """Factory: make_config with a frozen backbone and --cache_features."""
+
+  def factory(**overrides):
+    overrides.setdefault("freeze__spec", "all")
+    overrides.setdefault("input__cache_features", str(tmp_path / "cache"))
+    return make_config(**overrides)
+
+  return factory

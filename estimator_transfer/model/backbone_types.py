@@ -153,7 +153,10 @@ class ResolvedBackbone:
 
   def _build(self, x, stages, stage_index, training: bool, policy: str) -> BackboneOutput:
     """Builds this kind in the current graph on `x` (already in its value range)."""
-    raise NotImplementedError(f"backbone kind {self.kind!r} cannot be built")
+    # Kinds with layers override this; the identity backbone has none.
+    raise ConfigError(f"the {self.kind} backbone has no layers to apply to images; "
+                      "use a Keras application, a Keras model or a TF-Hub handle "
+                      "for image data.")
 
 
 # ----------------------------------------------------------------------------

@@ -25,18 +25,6 @@ import conftest
 from transfer_helpers import tf1_module  # noqa: F401  pylint: disable=unused-import
 
 
-@pytest.fixture
-def cache_config(make_config, tmp_path):
-  """Factory: make_config with a frozen backbone and --cache_features."""
-
-  def factory(**overrides):
-    overrides.setdefault("freeze__spec", "all")
-    overrides.setdefault("input__cache_features", str(tmp_path / "cache"))
-    return make_config(**overrides)
-
-  return factory
-
-
 def _records(data):
   """(encoded images, labels) of TFRecord data, in file and record order."""
   images, labels = [], []

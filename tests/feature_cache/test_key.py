@@ -25,18 +25,6 @@ _LABELS = {"image_key": "image/encoded", "label_key": "image/class/label", "text
            "class_names": []}
 
 
-@pytest.fixture
-def cache_config(make_config, tmp_path):
-  """Factory: make_config with a frozen backbone and --cache_features."""
-
-  def factory(**overrides):
-    overrides.setdefault("freeze__spec", "all")
-    overrides.setdefault("input__cache_features", str(tmp_path / "cache"))
-    return make_config(**overrides)
-
-  return factory
-
-
 def _resaved_with_other_weights(tiny_backbone, path):
   model = tf.keras.models.load_model(tiny_backbone["h5"], compile=False)
   weights = model.get_weights()
