@@ -58,11 +58,24 @@ def test_sigkill_during_checkpoint_save_then_resume(tiny_data, tiny_backbone, tm
   model_dir = str(tmp_path / "model")
 
   def saving_after_step_2(watch):
+    # Only a save that starts after step 2's is recorded in the `checkpoint`
+    # state file (step 2's own merge also leaves its _temp dir for a moment).
     # TF writes <prefix>_temp/part-* (and *.tempstate*) before it renames.
-    if not os.path.exists(os.path.join(watch, "model.ckpt-2.index")):
+    state = os.path.join(watch, "checkpoint")
+    try:
+      with open(state) as f:
+        recorded = f.readline()
+    except OSError:
       return None
-    return fault_tools.find_match(watch, "*_temp*") or fault_tools.find_match(
-        watch, "*tempstate*")
+    recorded_step = recorded.rsplit("-", 1)[-1].strip().strip('"')
+    if not recorded_step.isdigit() or int(recorded_step) < 2:
+      return None
+    for pattern in ("*_temp*", "*tempstate*"):
+      match = fault_tools.find_match(watch, pattern)
+      if match and f"ckpt-{recorded_step}_temp" not in match and (
+          f"ckpt-{recorded_step}." not in match):
+        return match
+    return None
 
   killed = fault_tools.run_and_kill(
       ["et-train", *_train_args(tiny_data, tiny_backbone, model_dir, 100000)],
