@@ -269,8 +269,8 @@ def export_after_evaluation(estimator, config: ExperimentConfig, image_size: int
                             eval_result: Mapping, checkpoint_path: str) -> Dict[str, object]:
   """What et-train does after its final evaluation.
 
-  The best model goes to --export_dir (what TF Serving serves); every
-  evaluated checkpoint to `<model_dir>/export/latest`.
+  The best model goes to --export_dir (what TF Serving serves); with
+  --export_latest the checkpoint also goes to `<model_dir>/export/latest`.
 
   Returns:
     {"best": version dir or None, "best_decision": one line,
@@ -280,6 +280,9 @@ def export_after_evaluation(estimator, config: ExperimentConfig, image_size: int
   e = config.export
   best = BestExporter(options, e.best_metric, config.guards.metric_mode, export_dir=e.export_dir)
   best_path = best.export(estimator, e.export_dir, checkpoint_path, eval_result, True)
+  if not e.export_latest:
+    return {"best": best_path, "best_decision": best.last_decision,
+            "latest": None, "latest_decision": "not asked for (--export_latest)"}
   latest_dir = os.path.join(config.run.model_dir, LATEST_SUBDIR)
   latest = LatestExporter(options, latest_dir)
   latest_path = latest.export(estimator, latest_dir, checkpoint_path, eval_result, True)
@@ -292,7 +295,8 @@ def build_best_model_callback(experiment) -> Optional[Callable[[Dict[str, float]
 
   Called as f(metrics, checkpoint) after each in-loop evaluation
   (--eval_every_steps, early stopping); None without --export_dir or
-  --eval_data. Building it checks the export settings (warmup data too),
+  --eval_data. With --export_latest it also exports every evaluated
+  checkpoint to `<model_dir>/export/latest`. Building it checks the export settings (warmup data too),
   so a bad one fails before training starts, not after hours.
 
   Args:
@@ -306,9 +310,13 @@ def build_best_model_callback(experiment) -> Optional[Callable[[Dict[str, float]
     return None
   best = BestExporter(options, cfg.export.best_metric, cfg.guards.metric_mode,
                       export_dir=cfg.export.export_dir)
+  latest_dir = os.path.join(cfg.run.model_dir, LATEST_SUBDIR)
+  latest = LatestExporter(options, latest_dir) if cfg.export.export_latest else None
 
   def after_evaluation(metrics, checkpoint_path):
-    best.export(experiment.estimator, cfg.export.export_dir,
-                experiment.servable_checkpoint(checkpoint_path), metrics, False)
+    servable = experiment.servable_checkpoint(checkpoint_path)
+    best.export(experiment.estimator, cfg.export.export_dir, servable, metrics, False)
+    if latest is not None:
+      latest.export(experiment.estimator, latest_dir, servable, metrics, False)
 
   return after_evaluation

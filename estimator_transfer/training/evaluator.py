@@ -5,9 +5,9 @@ scalar metrics (a dict with "global_step"), or None when the evaluation was
 cut short (a SIGTERM, a checkpoint deleted under it); the loop then hands the
 metrics to its after-evaluation callbacks (loop state, best exporter, the
 cluster record). `CheckpointEvaluator` builds a new graph and session per
-call, as `Estimator.evaluate` does; an in-process evaluator that keeps its
-graph alive and reads the live weights (like
-`tf.estimator.experimental.InMemoryEvaluatorHook`) fits the same call.
+call, as `Estimator.evaluate` does (the cluster's evaluator task and a
+master use it); `in_process_eval.InProcessEvaluator` keeps its graph alive
+and reads the live weights (a local run's evaluations while training).
 """
 import logging
 from typing import Callable, Dict, Optional
@@ -54,9 +54,46 @@ class CheckpointEvaluator:
       return None
     if self._preemption is not None and self._preemption.requested:
       return None
-    evaluation.write_report(evaluation.full_report(
-        result, cfg.head.class_names, checkpoint, cfg.input.eval_data), cfg.run.model_dir)
-    metrics = evaluation.scalar_metrics(result)
-    log.info("step %d eval: %s", step, ", ".join(
-        f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k != "global_step"))
-    return metrics
+    return finish_evaluation(cfg, result, step, checkpoint)
+
+
+def finish_evaluation(config, result, step: int, checkpoint: str) -> Dict[str, float]:
+  """What every evaluator does with a result: the report files, a log line.
+
+  Args:
+    config: the run's `ExperimentConfig`.
+    result: the raw eval result (`Estimator.evaluate`'s dict).
+    step: the evaluated global step.
+    checkpoint: the evaluated checkpoint, recorded in the report.
+
+  Returns:
+    The scalar metrics (with "global_step").
+  """
+  evaluation.write_report(evaluation.full_report(
+      result, config.head.class_names, checkpoint, config.input.eval_data),
+      config.run.model_dir)
+  metrics = evaluation.scalar_metrics(result)
+  log.info("step %d eval: %s", step, ", ".join(
+      f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k != "global_step"))
+  return metrics
+
+
+class CallbackExporter(tf.estimator.Exporter):
+  """An EvalSpec exporter that exports nothing: it hands each evaluation on.
+
+  Exporters are Estimator's only per-evaluation callback (a master's
+  in-process evaluations): this one forwards the scalars to the loop.
+  """
+
+  def __init__(self, callback: Callable[[Dict[str, float], str], None]):
+    self._callback = callback
+
+  @property
+  def name(self) -> str:
+    return "after_evaluation"
+
+  def export(self, estimator, export_path, checkpoint_path, eval_result,
+             is_the_final_export):
+    del estimator, export_path, is_the_final_export
+    self._callback(evaluation.scalar_metrics(eval_result), checkpoint_path)
+    return None

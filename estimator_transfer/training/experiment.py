@@ -11,6 +11,7 @@ import tensorflow as tf
 from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.config import ExperimentConfig
 from estimator_transfer.data import sources
+from estimator_transfer.data import memory_cache
 from estimator_transfer.data import pipeline
 from estimator_transfer.data import labels as labels_lib
 from estimator_transfer.data import relabel
@@ -122,8 +123,9 @@ class Experiment:
     EMA; the learning rate and unfreeze stage follow the step), after
     checking it reads back; otherwise starts fresh, warm-started from
     `continual.warm_start_from` if set. With `guards.early_stopping_metric`
-    (or `guards.eval_every_steps`) it trains in segments and evaluates after
-    each: the best checkpoint is kept in model_dir/best/, patience stops the
+    (or `guards.eval_every_steps`) it evaluates while training, inside the
+    process (`training.in_process_eval`), at a checkpoint of each evaluation
+    step: the best checkpoint is kept in model_dir/best/, patience stops the
     run, a regression restores the best weights; the loop's state lives in
     model_dir/train_state.json, so a restart decides nothing twice. SIGTERM
     saves a checkpoint and returns (`self.outcome.preempted`).
@@ -177,8 +179,20 @@ class Experiment:
         f"data      {'; '.join(data) or 'none'}",
         f"training  freeze {freeze}; {cfg.optimizer.name} lr {', '.join(parts)}{warmup}; "
         f"batch {cfg.input.batch_size}; max_steps {cfg.run.max_steps}",
+        *self._cache_lines(),
         f"model_dir {cfg.run.model_dir}",
     ]
+
+  def _cache_lines(self) -> List[str]:
+    """The banner's cache line: the feature cache, or the decoded-data cache."""
+    i = self.config.input
+    if i.cache_features:
+      return [f"cache     {self.feature_cache().describe()}"]
+    if not i.train_data:
+      return []
+    reason = memory_cache.describe(i, i.train_data, self.image_size,
+                                   self.config.head.class_names)
+    return [f"cache     {reason}"]
 
   def evaluate(self, data: Optional[str] = None,
                checkpoint_path: Optional[str] = None,
@@ -219,7 +233,7 @@ class Experiment:
 
   def export_after_evaluation(self, eval_result: Dict[str, float],
                               checkpoint_path: str) -> Dict[str, object]:
-    """Best export into --export_dir, latest into model_dir/export/latest."""
+    """Best export into --export_dir; with --export_latest also into model_dir/export/latest."""
     return exporters.export_after_evaluation(self.estimator, self.config, self.image_size,
                                              eval_result,
                                              self.servable_checkpoint(checkpoint_path))
@@ -230,8 +244,8 @@ class Experiment:
     The one place the final export is written, for local runs and a
     cluster's chief alike. With --eval_data the checkpoint is evaluated
     (unless `last_eval`, the loop's last evaluation, is of this very
-    checkpoint), the best model by --best_metric goes to --export_dir and
-    every exported checkpoint to model_dir/export/latest; without it the
+    checkpoint), the best model by --best_metric goes to --export_dir (and,
+    with --export_latest, the checkpoint to model_dir/export/latest); without it the
     latest checkpoint is exported.
 
     Args:

@@ -10,12 +10,16 @@ same after-evaluation callbacks.
 
 How the roles differ, and why:
 
-  local      trains in segments to the next evaluation step, evaluates in
-             this process (`evaluator.CheckpointEvaluator`), applies
+  local      trains to max_steps in one `Estimator.train` call; with
+             evaluation, a checkpoint is saved at every evaluation step and
+             evaluated at once inside the process, with the evaluation graph
+             built once and fed the live weights
+             (`in_process_eval.InProcessEvaluator`); then
              `early_stopping.record_evaluation` (best copy in model_dir/best,
              patience, min_delta, restore-best on a regression) and the
-             caller's callbacks (the best exporter); model_dir/train_state.json
-             makes it restartable.
+             caller's callbacks (the best exporter). Early stopping ends the
+             call; a restore-best ends it and the next call starts from the
+             best weights. model_dir/train_state.json makes it restartable.
   chief / worker  train to max_steps in one `tf.estimator.train_and_evaluate`
              call (it starts the gRPC server or the distribute coordinator);
              the evaluator task evaluates, and early stopping is the same
@@ -41,13 +45,14 @@ from estimator_transfer import files
 from estimator_transfer.cluster import roles
 from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.errors import ConfigError
-from estimator_transfer.evaluation import report as evaluation
 from estimator_transfer.model import model_fn as model_fn_lib
 from estimator_transfer.training import checkpoints
 from estimator_transfer.training import dry_build
 from estimator_transfer.training import early_stopping
 from estimator_transfer.training import evaluator as evaluator_lib
 from estimator_transfer.training import hooks as hooks_lib
+from estimator_transfer.training import in_process_eval
+from estimator_transfer.training import model_fns
 from estimator_transfer.training import run_config
 from estimator_transfer.training import warm_start
 
@@ -156,7 +161,7 @@ class TrainingLoop:
     # freeze plan resolved on the backbone): a rejected setting never reaches
     # model_dir. Then the lock, then the first write.
     resume, source = self._check_resume(on_corrupt_checkpoint, allow_config_change)
-    if self.task.trains:
+    if self.task.trains and self._may_change_model_dir(resume, extra_files):
       dry_build.check_training_graph(
           self.experiment, train_input_fn,
           resume if resume is not _FALL_BACK and self._strategy is None else None)
@@ -178,7 +183,7 @@ class TrainingLoop:
   # --- set-up ---------------------------------------------------------------
 
   def _evaluates_while_training(self) -> bool:
-    """Local runs evaluate in segments when the guards ask for evaluations."""
+    """Local runs evaluate while training when the guards ask for evaluations."""
     g = self.config.guards
     return self.task.is_local and bool(g.early_stopping_metric or g.eval_every_steps)
 
@@ -213,6 +218,21 @@ class TrainingLoop:
     if cfg.continual.warm_start_from:
       return None, warm_start.resolve_source(cfg.continual.warm_start_from)
     return None, None
+
+  def _may_change_model_dir(self, resume, extra_files: Optional[Dict[str, str]]) -> bool:
+    """False when `_prepare` would rewrite model_dir's records with what they hold.
+
+    The dry build guards those writes; a resume with the same config and
+    flags (re-running a preempted command) changes nothing there, so it
+    skips the scratch build (seconds of start-up) and the real graph build
+    makes the same checks. Workers write nothing but check before joining.
+    """
+    if not self.task.is_chief or not resume or resume is _FALL_BACK:
+      return True
+    model_dir = self.config.run.model_dir
+    records = {config_lib.CONFIG_FILENAME: self.config.to_json(), **(extra_files or {})}
+    return any(files.read_text(os.path.join(model_dir, name)) != text
+               for name, text in records.items())
 
   def _prepare(self, resume, on_corrupt: str, allow_config_change: bool, source,
                extra_files: Optional[Dict[str, str]]) -> None:
@@ -251,25 +271,30 @@ class TrainingLoop:
     model_dir = cfg.run.model_dir
     # With a strategy the graph holds per-replica variable wrappers: the
     # name/shape check is for the plain graph only.
-    model_fn = _guarded_model_fn(model_fn_lib.build_model_fn(cfg, self.experiment.backbone),
-                                 cfg, check_resume=self._strategy is None)
+    model_fn = model_fns.guarded_model_fn(
+        model_fn_lib.build_model_fn(cfg, self.experiment.backbone), cfg,
+        check_resume=self._strategy is None)
     if source is not None and not tf.train.latest_checkpoint(model_dir):
       # Only the chief initialises variables; the warm start runs in its init_fn.
       model_fn = warm_start.wrap_model_fn(model_fn, source, cfg.head.class_names, model_dir)
     if self._strategy is not None:
-      model_fn = _without_autograph(model_fn)
+      model_fn = model_fns.without_autograph(model_fn)
     return tf.compat.v1.estimator.Estimator(
         model_fn=model_fn, config=run_config.build_run_config(cfg, self.task, self._strategy),
         params=self.experiment.estimator.params)
 
   def _train_segment(self, input_fn, max_steps: int, preemption, source=None,
-                     extra_hooks=(), lr_scale: float = 1.0) -> None:
-    """Trains to `max_steps` with the guards, in this task's role."""
+                     extra_hooks=(), lr_scale: float = 1.0, saver_hook=None) -> None:
+    """Trains to `max_steps` with the guards, in this task's role.
+
+    `saver_hook` replaces Estimator's checkpoint hook, in its place: first.
+    """
     model_dir = self.config.run.model_dir
     with cluster.tf_config_env(self.task):
       estimator = self._training_estimator(lr_scale, source)
-      train_hooks = [hooks_lib.NonFiniteLossHook(model_dir),
-                     hooks_lib.StopOnSignalHook(preemption)] + self._role_hooks
+      train_hooks = [saver_hook] if saver_hook is not None else []
+      train_hooks += [hooks_lib.NonFiniteLossHook(model_dir),
+                      hooks_lib.StopOnSignalHook(preemption)] + self._role_hooks
       if not self.task.is_local:
         stop = early_stopping.build_cluster_stop_hook(estimator, self.config)
         train_hooks += [stop] if stop is not None else []
@@ -304,45 +329,56 @@ class TrainingLoop:
         self.experiment.input_fn(cfg.input.eval_data, training=False),
         steps=cfg.run.eval_steps or None, start_delay_secs=0,
         throttle_secs=cfg.cluster.eval_throttle_secs,
-        exporters=[_CallbackExporter(self._on_evaluation)])
+        exporters=[evaluator_lib.CallbackExporter(self._on_evaluation)])
 
   def _train_evaluate(self, train_input_fn, preemption, source) -> None:
-    """Trains in segments to the next evaluation step, evaluates, decides; restartable."""
+    """Trains with in-process evaluations and their decisions; restartable."""
     cfg = self.config
     model_dir, max_steps = cfg.run.model_dir, cfg.run.max_steps
-    every = cfg.guards.eval_every_steps or cfg.run.save_checkpoints_steps
-    evaluate = evaluator_lib.CheckpointEvaluator(self.experiment, preemption)
+    evaluator = in_process_eval.InProcessEvaluator(self.experiment, preemption)
     state = early_stopping.LoopState.load(model_dir)
-    while not preemption.requested:
-      if state.stopped:
-        log.info("%s; re-running does not train further (raise --patience, or delete "
-                 "%s to go on)", state.stopped, early_stopping.STATE_FILENAME)
-        self.outcome.stopped_early = state.stopped
-        break
-      latest = tf.train.latest_checkpoint(model_dir)
-      step = checkpoints.step_of(latest) if latest else 0
-      if latest and step > state.last_eval_step and (step % every == 0 or step >= max_steps):
-        metrics = evaluate(step, latest)
-        if metrics is None:
-          break  # preempted while evaluating: the step is evaluated after the restart
-        self._record(state, step, metrics, latest)
-        # Before the state is saved: a kill in between re-evaluates this step
-        # and calls the callbacks again (at least once, never skipped).
-        self._on_evaluation(metrics, latest)
-        state.save(model_dir)
-        continue
-      if step >= max_steps:
-        break
-      self._train_to(min(max_steps, (step // every + 1) * every), step, state,
-                     train_input_fn, preemption, source)
+    try:
+      while not preemption.requested:
+        if state.stopped:
+          log.info("%s; re-running does not train further (raise --patience, or delete "
+                   "%s to go on)", state.stopped, early_stopping.STATE_FILENAME)
+          self.outcome.stopped_early = state.stopped
+          break
+        latest = tf.train.latest_checkpoint(model_dir)
+        step = checkpoints.step_of(latest) if latest else 0
+        if latest and self._evaluation_due(state, step):
+          # Saved but not evaluated (killed or preempted in between): now.
+          metrics = evaluator.evaluate_checkpoint(step, latest)
+          if metrics is None:
+            break  # preempted while evaluating: the step is evaluated after the restart
+          self._apply_evaluation(state, step, metrics, latest)
+          continue
+        if step >= max_steps:
+          break
+        self._train_to(step, state, train_input_fn, preemption, source, evaluator)
+    finally:
+      evaluator.close()
     if state.best_checkpoint:
       self.outcome.best = {"step": state.best_step, "value": state.best_value,
                            "metric": state.metric, "checkpoint": state.best_path(model_dir)}
 
-  def _train_to(self, target: int, step: int, state, train_input_fn, preemption,
-                source) -> None:
-    """One segment of the local loop; applies a pending restore-best first."""
-    model_dir = self.config.run.model_dir
+  def _is_evaluation_step(self, step: int) -> bool:
+    g, r = self.config.guards, self.config.run
+    return step > 0 and (step % (g.eval_every_steps or r.save_checkpoints_steps) == 0 or
+                         step >= r.max_steps)
+
+  def _evaluation_due(self, state, step: int) -> bool:
+    return step > state.last_eval_step and self._is_evaluation_step(step)
+
+  def _train_to(self, step: int, state, train_input_fn, preemption, source,
+                evaluator) -> None:
+    """One training call to max_steps, evaluating in-process; applies a pending restore.
+
+    The call ends early when an evaluation stops training (early stopping)
+    or asks for the best checkpoint's weights (the next call restores them).
+    """
+    cfg = self.config
+    model_dir = cfg.run.model_dir
     extra = []
     if state.pending_restore_at_step >= 0:
       best = state.best_path(model_dir)
@@ -351,14 +387,34 @@ class TrainingLoop:
       else:  # a checkpoint after the restore exists: it holds the restored weights
         state.pending_restore_at_step = -1
         state.save(model_dir)
-    self._train_segment(train_input_fn, target, preemption, source, extra, state.lr_scale)
+    listener = in_process_eval.EvaluationListener(
+        evaluator, lambda s: self._evaluation_due(state, s),
+        lambda s, metrics, checkpoint: self._apply_evaluation(state, s, metrics, checkpoint),
+        model_dir, preemption, live=self._strategy is None)
+    # Estimator adds the saving listeners (the finite-weights check) to it.
+    saver_hook = in_process_eval.EvaluationCheckpointSaverHook(
+        model_dir, cfg.run.save_checkpoints_steps, self._is_evaluation_step, [listener])
+    self._train_segment(train_input_fn, cfg.run.max_steps, preemption, source, extra,
+                        state.lr_scale, saver_hook=saver_hook)
     after = tf.train.latest_checkpoint(model_dir)
     if not preemption.requested and (checkpoints.step_of(after) if after else 0) <= step:
       raise ConfigError(f"training made no progress from step {step}: "
                         f"{self.config.input.train_data} yielded no batch; check the data.")
-    if extra:
+    if extra and state.pending_restore_at_step == step:
       state.pending_restore_at_step = -1
       state.save(model_dir)
+
+  def _apply_evaluation(self, state, step: int, metrics: Dict[str, float],
+                        checkpoint: str) -> bool:
+    """Records one local evaluation, runs the callbacks; True: stop training now."""
+    if 0 <= state.pending_restore_at_step < step:
+      state.pending_restore_at_step = -1  # this checkpoint holds the restored weights
+    self._record(state, step, metrics, checkpoint)
+    # Before the state is saved: a kill in between re-evaluates this step
+    # and calls the callbacks again (at least once, never skipped).
+    self._on_evaluation(metrics, checkpoint)
+    state.save(self.config.run.model_dir)
+    return bool(state.stopped) or state.pending_restore_at_step == step
 
   # --- evaluations ------------------------------------------------------------
 
@@ -428,65 +484,3 @@ class TrainingLoop:
 
 def _no_input():  # the input_fn of a role that never reads this data
   raise RuntimeError("this task does not read this input")
-
-
-class _CallbackExporter(tf.estimator.Exporter):
-  """An EvalSpec exporter that exports nothing: it hands each evaluation on.
-
-  Exporters are Estimator's only per-evaluation callback (a master's
-  in-process evaluations): this one forwards the scalars to the loop.
-  """
-
-  def __init__(self, callback: Callable[[Dict[str, float], str], None]):
-    self._callback = callback
-
-  @property
-  def name(self) -> str:
-    return "after_evaluation"
-
-  def export(self, estimator, export_path, checkpoint_path, eval_result,
-             is_the_final_export):
-    del estimator, export_path, is_the_final_export
-    self._callback(evaluation.scalar_metrics(eval_result), checkpoint_path)
-    return None
-
-
-def _without_autograph(model_fn):
-  """model_fn that autograph leaves alone (Estimator needs the named arguments).
-
-  Distribution strategies call the model_fn per replica through autograph,
-  which rewrites its Python control flow (and that of everything it calls:
-  freeze plans, hub.KerasLayer wrappers) and breaks on plain Python helpers.
-  """
-  unconverted = tf.autograph.experimental.do_not_convert(model_fn)
-
-  def model_fn_without_autograph(features, labels, mode, params):
-    return unconverted(features, labels, mode, params=params)
-
-  return model_fn_without_autograph
-
-
-def _guarded_model_fn(model_fn, cfg, check_resume: bool = True):
-  """The TRAIN spec with its progress log, its loss exposed to the NaN/Inf guard.
-
-  A tf.compat.v1 Saver restores a [8, 3] checkpoint tensor into a [8, 4]
-  resource variable without complaint (training then fails far from the
-  cause, or runs with the wrong shapes), so before a resume every variable
-  of the new graph is matched against the checkpoint by name and shape.
-  """
-
-  model_dir = cfg.run.model_dir
-
-  def guarded_model_fn(features, labels, mode, params=None):
-    spec = model_fn(features, labels, mode, params)
-    if mode == tf.estimator.ModeKeys.TRAIN:
-      tf.compat.v1.add_to_collection(hooks_lib.TRAIN_LOSS_COLLECTION, spec.loss)
-      progress = hooks_lib.ProgressHook(spec.loss, cfg.run.max_steps, cfg.input.batch_size,
-                                        cfg.run.log_every_steps, model_dir)
-      spec = spec._replace(training_hooks=list(spec.training_hooks) + [progress])
-      latest = tf.train.latest_checkpoint(model_dir)
-      if latest and check_resume:
-        checkpoints.check_graph_fits(latest, model_dir)
-    return spec
-
-  return guarded_model_fn

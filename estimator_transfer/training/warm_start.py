@@ -15,7 +15,11 @@ assigned, and so, like them, runs only when model_dir has no checkpoint yet:
   rows of the classes the source knew are kept and new classes start fresh;
 * an EMA shadow the source lacks (an export holds no shadows) starts at the
   source's value of its variable, not at the pretrained one;
-* anything else whose shape changed is skipped and keeps its initializer.
+* anything else whose shape changed is skipped and keeps its initializer;
+* with `--warm_start_map=OLD=NEW,...` (a checkpoint of another framework or
+  codebase), a source variable named OLD<rest> is read as NEW<rest>, first
+  matching pair first; every source variable not used is listed with the
+  reason (optimizer state, no such variable here, shape changed).
 
 What was restored, merged, skipped and re-initialised is logged and written
 to `model_dir/warm_start.json`.
@@ -172,6 +176,33 @@ def class_row_map(old: Sequence[str], new: Sequence[str]) -> List[Tuple[int, int
   return [(i, where[name]) for i, name in enumerate(new) if name in where]
 
 
+def parse_name_map(text: str) -> List[Tuple[str, str]]:
+  """`--warm_start_map`: "old/=new/,x=" -> [("old/", "new/"), ("x", "")].
+
+  Raises:
+    ConfigError: an entry without "=".
+  """
+  pairs = []
+  for part in filter(None, (p.strip() for p in (text or "").split(","))):
+    if "=" not in part:
+      raise ConfigError(f"--warm_start_map entry {part!r} is not OLD_PREFIX=NEW_PREFIX; "
+                        "write e.g. --warm_start_map=resnet/block1/=conv1/.")
+    old, new = part.split("=", 1)
+    pairs.append((old.strip(), new.strip()))
+  return pairs
+
+
+def rename_source(source_names, pairs: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+  """new name -> source name for the source variables a pair renames."""
+  renamed = {}
+  for src in source_names:
+    for old, new in pairs:
+      if src.startswith(old):
+        renamed.setdefault(new + src[len(old):], src)
+        break
+  return renamed
+
+
 @dataclasses.dataclass
 class Plan:
   """What the warm start does to each variable of the new graph."""
@@ -183,6 +214,8 @@ class Plan:
   not_in_source: List[str] = dataclasses.field(default_factory=list)
   optimizer_state: List[str] = dataclasses.field(default_factory=list)
   row_map: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
+  renamed: Dict[str, str] = dataclasses.field(default_factory=dict)  # var -> src
+  source_not_used: Dict[str, str] = dataclasses.field(default_factory=dict)  # src -> why
 
   def record(self) -> dict:
     return {"source": self.source.checkpoint,
@@ -193,16 +226,20 @@ class Plan:
             "ema_from_source_weight": dict(sorted(self.ema_from_weight.items())),
             "skipped_shape_changed": dict(sorted(self.skipped_shape.items())),
             "reinitialized_not_in_source": sorted(self.not_in_source),
-            "not_warm_started_optimizer_state": sorted(self.optimizer_state)}
+            "not_warm_started_optimizer_state": sorted(self.optimizer_state),
+            "renamed_by_warm_start_map": dict(sorted(self.renamed.items())),
+            "source_not_used": dict(sorted(self.source_not_used.items()))}
 
 
-def build_plan(source: Source, variables, class_names: Sequence[str]) -> Plan:
+def build_plan(source: Source, variables, class_names: Sequence[str],
+               name_map: Sequence[Tuple[str, str]] = ()) -> Plan:
   """Matches the new graph's variables against the source checkpoint.
 
   Args:
     source: the resolved source.
     variables: the new graph's global variables.
     class_names: the new model's class names (empty when unknown).
+    name_map: `parse_name_map` pairs renaming source variables.
 
   Returns:
     The Plan (no graph ops are created).
@@ -215,44 +252,83 @@ def build_plan(source: Source, variables, class_names: Sequence[str]) -> Plan:
   dtypes = reader.get_variable_to_dtype_map()
   plan = Plan(source)
   names = {v.op.name for v in variables}
+  renamed = rename_source(shapes, name_map)
+
+  def source_name(new_name):
+    if new_name in renamed:
+      return renamed[new_name]
+    return new_name if new_name in shapes else None
+
   old_names = list(source.class_names or [])
   new_names = list(class_names or [])
   rows = class_row_map(old_names, new_names) if old_names and new_names else []
   for var in variables:
-    name, shape = var.op.name, var.shape.as_list()
+    name = var.op.name
     if is_optimizer_state(name, names):
       plan.optimizer_state.append(name)
       continue
-    src = name
-    if src not in shapes and name.endswith(EMA_SUFFIX) and \
-        name[:-len(EMA_SUFFIX)] in shapes:
-      src = name[:-len(EMA_SUFFIX)]
+    src = source_name(name)
+    if src is None and name.endswith(EMA_SUFFIX) and \
+        source_name(name[:-len(EMA_SUFFIX)]) is not None:
+      src = source_name(name[:-len(EMA_SUFFIX)])
       target = plan.ema_from_weight
     else:
       target = plan.restore
-    if src not in shapes:
+    if src is None:
       plan.not_in_source.append(name)
       continue
-    if dtypes[src].base_dtype != var.dtype.base_dtype:
-      plan.skipped_shape[name] = f"dtype {dtypes[src].name} -> {var.dtype.base_dtype.name}"
-      continue
-    src_shape = list(shapes[src])
-    class_indexed = (name.startswith(LOGITS_PREFIX) and rows and shape and src_shape
-                     and shape[:-1] == src_shape[:-1]
-                     and src_shape[-1] == len(old_names) and shape[-1] == len(new_names))
-    if class_indexed and (shape != src_shape or old_names != new_names):
-      plan.merge_rows[name] = src
-      plan.row_map = rows
-    elif src_shape == shape:
-      target[name] = src
-    else:
-      plan.skipped_shape[name] = f"{src_shape} -> {shape}"
+    if src != name:
+      plan.renamed[name] = src
+    _match(plan, var, src, list(shapes[src]), dtypes[src], target,
+           (rows, old_names, new_names))
+  _explain_unused(plan, shapes, renamed)
   if not plan.restore and not plan.merge_rows:
     raise ConfigError(
         f"--warm_start_from: {source.checkpoint} shares no variable (by name and "
-        "shape) with this model; use --backbone for a plain pretrained network, "
-        "or a model_dir/export of this framework.")
+        "shape) with this model; map its names with --warm_start_map=OLD_PREFIX="
+        "NEW_PREFIX, use --backbone for a plain pretrained network, or a "
+        "model_dir/export of this framework.")
   return plan
+
+
+def _match(plan: Plan, var, src: str, src_shape, src_dtype, target: dict, classes) -> None:
+  """Restores, merges by class rows, or skips (shape or dtype changed) one variable."""
+  name, shape = var.op.name, var.shape.as_list()
+  rows, old_names, new_names = classes
+  if src_dtype.base_dtype != var.dtype.base_dtype:
+    plan.skipped_shape[name] = f"dtype {src_dtype.name} -> {var.dtype.base_dtype.name}"
+    return
+  class_indexed = (name.startswith(LOGITS_PREFIX) and rows and shape and src_shape
+                   and shape[:-1] == src_shape[:-1]
+                   and src_shape[-1] == len(old_names) and shape[-1] == len(new_names))
+  if class_indexed and (shape != src_shape or old_names != new_names):
+    plan.merge_rows[name] = src
+    plan.row_map = rows
+  elif src_shape == shape:
+    target[name] = src
+  else:
+    plan.skipped_shape[name] = f"{src_shape} -> {shape}"
+
+
+def _explain_unused(plan: Plan, shapes, renamed: Dict[str, str]) -> None:
+  """Fills plan.source_not_used: every source variable nothing reads, and why."""
+  used = set(plan.restore.values()) | set(plan.ema_from_weight.values()) | \
+      set(plan.merge_rows.values())
+  new_of = {src: new for new, src in renamed.items()}
+  skipped = {}
+  for name, why in sorted(plan.skipped_shape.items()):  # a variable before its shadow
+    skipped.setdefault(plan.renamed.get(name, name), f"{name}: {why}")
+  for src in shapes:
+    if src in used:
+      continue
+    if src in skipped:
+      plan.source_not_used[src] = f"shape or dtype changed ({skipped[src]})"
+    elif is_optimizer_state(src, shapes):
+      plan.source_not_used[src] = "optimizer state or step (a warm start starts them fresh)"
+    elif src in new_of:
+      plan.source_not_used[src] = f"renamed to {new_of[src]}, which this model does not have"
+    else:
+      plan.source_not_used[src] = "no variable of this model has this name"
 
 
 def log_plan(plan: Plan) -> None:
@@ -272,6 +348,21 @@ def log_plan(plan: Plan) -> None:
   if plan.ema_from_weight:
     log.info("warm start: EMA shadows start at the source weights: %s",
              ", ".join(sorted(plan.ema_from_weight)))
+  if plan.renamed:
+    log.info("warm start: %d variables matched through --warm_start_map (%s)",
+             len(plan.renamed), _abbreviate(f"{k} <- {v}" for k, v in
+                                            sorted(plan.renamed.items())))
+  unused = {k: v for k, v in plan.source_not_used.items() if not v.startswith("optimizer")}
+  if unused:
+    log.warning("warm start: %d source variables not used: %s (all reasons in %s)",
+                len(unused), _abbreviate(f"{k} ({v})" for k, v in sorted(unused.items())),
+                RECORD_FILENAME)
+
+
+def _abbreviate(items, limit: int = 8) -> str:
+  items = list(items)
+  more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+  return ", ".join(items[:limit]) + more
 
 
 def write_record(plan: Plan, model_dir: str) -> str:
@@ -315,6 +406,19 @@ def build_init_fn(plan: Plan, variables, previous_init_fn=None):
   return init_fn
 
 
+def _saved_name_map(model_dir: str) -> List[Tuple[str, str]]:
+  """The run's --warm_start_map, from the config the training loop saved in model_dir.
+
+  The loop saves the run's config before the first graph is built, so the
+  map travels with it rather than through every caller of wrap_model_fn.
+  """
+  try:
+    cfg = config_lib.load(model_dir)
+  except ConfigError:
+    return []
+  return parse_name_map(cfg.continual.warm_start_map) if cfg else []
+
+
 def wrap_model_fn(model_fn, source: Source, class_names: Sequence[str], model_dir: str):
   """Returns a model_fn whose TRAIN spec warm-starts from `source` on a fresh start.
 
@@ -327,7 +431,7 @@ def wrap_model_fn(model_fn, source: Source, class_names: Sequence[str], model_di
     if mode != tf.estimator.ModeKeys.TRAIN:
       return spec
     variables = tf.compat.v1.global_variables()
-    plan = build_plan(source, variables, class_names)
+    plan = build_plan(source, variables, class_names, _saved_name_map(model_dir))
     log_plan(plan)
     write_record(plan, model_dir)
     previous = spec.scaffold._user_init_fn if spec.scaffold else None  # pylint: disable=protected-access

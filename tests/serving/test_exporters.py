@@ -162,7 +162,7 @@ def test_et_train_restart_keeps_the_better_published_model(tiny_data, tiny_backb
   common = [f"--backbone={tiny_backbone['h5']}", f"--train_data={tiny_data['train']}",
             f"--model_dir={model_dir}", f"--export_dir={export_dir}", "--freeze=none",
             "--batch_size=8", "--save_checkpoints_steps=3", "--seed=3",
-            "--serving_inputs=image_bytes"]
+            "--serving_inputs=image_bytes", "--export_latest"]
   # Evaluating every 3 steps, the loop publishes as it goes (step 3 first).
   first = serving_util.run_tool("et-train", *common, "--max_steps=6", "--eval_every_steps=3",
                                 f"--eval_data={tiny_data['eval']}")
@@ -179,5 +179,6 @@ def test_et_train_restart_keeps_the_better_published_model(tiny_data, tiny_backb
   assert "best export: kept the published model: accuracy" in second.stdout
   assert _versions(export_dir) == published
   latest = versions.list_versions(os.path.join(model_dir, "export", "latest"))
-  assert [saved_model.read_metadata(p)["global_step"] for p in latest] == [6, 9]
+  # --export_latest: every evaluated checkpoint (3, 6) and the final one (9).
+  assert [saved_model.read_metadata(p)["global_step"] for p in latest] == [3, 6, 9]
   assert exporters.read_ledger(export_dir) == ledger

@@ -160,7 +160,8 @@ class SnapshotHook(tf.compat.v1.train.SessionRunHook):
 
 def test_regression_restores_best_weights_and_optimizer_state_across_restart(make_config):
   # The learning rate jumps to 30 at step 4: the eval loss at step 6 is far
-  # worse than the best (step 2), beyond the tolerance of 1.0.
+  # worse than the best (step 2 or 4, at learning rate 1), beyond the
+  # tolerance of 1.0.
   cfg = make_config(freeze__spec="all", optimizer__name="momentum",
                     schedule__boundaries=(4,), schedule__values=(1.0, 30.0),
                     run__save_checkpoints_steps=2, run__max_steps=6,
@@ -171,9 +172,11 @@ def test_regression_restores_best_weights_and_optimizer_state_across_restart(mak
   first = runner.Experiment(cfg)
   first.train()
   state = _state(model_dir)
-  assert state["best_step"] == 2 and state["pending_restore_at_step"] == 6
+  best_name = os.path.join("best", f"model.ckpt-{state['best_step']}")
+  assert state["best_step"] in (2, 4) and state["pending_restore_at_step"] == 6
   assert state["restores"][0]["step"] == 6 and state["lr_scale"] == pytest.approx(0.01)
-  best = read_checkpoint(os.path.join(model_dir, "best", "model.ckpt-2"))
+  best = read_checkpoint(os.path.join(model_dir, best_name))
+  first_best = state["best_value"]
   # Stopped right after the decision (max_steps 6), as a kill would: the
   # restart applies the pending restore before its first step.
   snapshot = SnapshotHook()
@@ -187,8 +190,10 @@ def test_regression_restores_best_weights_and_optimizer_state_across_restart(mak
   assert restored["lr"] == pytest.approx(30.0 * 0.01)
   state = _state(model_dir)
   assert state["pending_restore_at_step"] == -1 and len(state["restores"]) == 1
-  # The kept best checkpoint was never replaced by a worse one.
-  assert state["best_checkpoint"] == os.path.join("best", "model.ckpt-2")
+  # The kept best checkpoint was never replaced by a worse one (step 7, from
+  # the restored weights at the lower rate, may beat it).
+  assert state["best_value"] <= first_best
+  assert state["best_checkpoint"] == os.path.join("best", f"model.ckpt-{state['best_step']}")
 
 
 def test_record_evaluation_decisions():
