@@ -18,8 +18,13 @@ How the pipeline is laid out (and why):
 * Per element only integers travel along; once per batch
   (`units.BatchSettler`) the skipped records are counted, reported and the
   labels checked.
+* Decoded examples are cached after the first pass when `--cache` says so
+  (`memory_cache.decide`: by default when the decoded training set fits the
+  memory budget); the cached epochs are shuffled with --shuffle_buffer, and
+  augmentation and mixup follow the cache.
 """
 import hashlib
+import logging
 import os
 import random
 import sys
@@ -31,6 +36,7 @@ from tensorflow.python.autograph.core import ag_ctx
 from estimator_transfer.config import InputConfig
 from estimator_transfer.data import augment as augment_lib
 from estimator_transfer.data import bad_records
+from estimator_transfer.data import memory_cache
 from estimator_transfer.data import sources
 from estimator_transfer.data import units as units_lib
 from estimator_transfer.errors import ConfigError
@@ -38,6 +44,7 @@ from estimator_transfer.errors import ConfigError
 IMAGE_FEATURE = "image"
 NUMERIC_FEATURE = "features"
 FOLDER_CHUNK = 64  # image files per interleaved unit
+log = logging.getLogger("estimator_transfer")
 
 
 def shard_spec(run_config, input_context) -> Tuple[int, int]:
@@ -88,8 +95,9 @@ class _Pipeline:
 
   def __init__(self, source: sources.Source, config: InputConfig, image_size: int,
                training: bool, seed: Optional[int], num_epochs: Optional[int],
-               num_classes: int):
+               num_classes: int, cache: str = ""):
     self.source = source
+    self.cache = cache  # memory_cache.Decision.mode: "", "memory" or a path prefix
     self.config = config
     self.image_size = image_size
     self.training = training
@@ -211,7 +219,7 @@ class _Pipeline:
 
   def _examples(self, shards):
     """Unbatched (value, label, status) for every epoch, cached if asked."""
-    cache = self.config.cache
+    cache = self.cache
     repeat_outside = not self.training or bool(cache)
     if repeat_outside:
       epochs = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
@@ -221,7 +229,9 @@ class _Pipeline:
           tf.data.Dataset.range(sys.maxsize)
     ds = self._one_pass_or_epochs(epochs, shards)
     if cache:
-      ds = ds.cache("" if cache == "memory" else self._cache_path(shards))
+      # Decoded once; the shuffle, the augmentation and mixup come after the
+      # cache, so they still draw new values every epoch.
+      ds = ds.cache("" if cache == memory_cache.MEMORY else self._cache_path(shards))
       if self.training:
         if self.config.shuffle_buffer > 0:
           ds = ds.shuffle(self.config.shuffle_buffer, seed=self.base_seed,
@@ -256,10 +266,10 @@ class _Pipeline:
     key = "|".join([self.source.kind, *self.source.files, str(self.image_size),
                     str(shards), str(self.training)])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    directory = os.path.dirname(self.config.cache)
+    directory = os.path.dirname(self.cache)
     if directory:
       tf.io.gfile.makedirs(directory)
-    return f"{self.config.cache}-{'train' if self.training else 'eval'}-{digest}"
+    return f"{self.cache}-{'train' if self.training else 'eval'}-{digest}"
 
 
 def build_input_fn(config: InputConfig, data: str, image_size: int,
@@ -297,12 +307,15 @@ def build_input_fn(config: InputConfig, data: str, image_size: int,
                       "or give a label map.")
   batch_size = config.batch_size if training else (config.eval_batch_size or
                                                    config.batch_size)
+  decision = memory_cache.decide(config, source, image_size, training, num_epochs)
+  if training and decision.mode:
+    log.info("input pipeline %s: %s", data, decision.reason)
 
   def input_fn(params=None, config=None, input_context=None):  # pylint: disable=redefined-outer-name
     del params
     shards = shard_spec(config, input_context) if training else (1, 0)
     pipeline = _Pipeline(source, input_config, image_size, training, seed, num_epochs,
-                         num_classes)
+                         num_classes, decision.mode)
     with autograph_off():
       ds = pipeline.dataset(batch_size, shards)
     input_fn.bad_record_counter = pipeline.counter
@@ -310,4 +323,5 @@ def build_input_fn(config: InputConfig, data: str, image_size: int,
 
   input_config = config
   input_fn.source = source
+  input_fn.cache_decision = decision
   return input_fn

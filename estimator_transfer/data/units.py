@@ -111,7 +111,10 @@ class UnitReader:
     if s.label_is_text:
       text = parsed[c.label_key]
       return image, _text_to_id(text, s.class_names), text
-    return image, tf.cast(parsed[c.label_key], tf.int32), tf.constant("")
+    # --label_offset: slim-style 1-based ids become 0-based class ids here, so
+    # everything downstream (label checks, the head) sees the model's ids.
+    label = tf.cast(parsed[c.label_key], tf.int32) - c.label_offset
+    return image, label, tf.constant("")
 
   def _marker_payload(self):
     """A record that decodes: markers go through the same decode, no tf.cond."""

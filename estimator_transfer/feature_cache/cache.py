@@ -38,6 +38,16 @@ however many epochs it trains (uncached training draws fresh ones every
 epoch), so a large number of epochs over few copies overfits to them; an
 "epoch" (epoch boundaries, --train_size) still counts the original images.
 Mixup mixes images before the backbone and cannot be cached.
+
+Partial cache (a partial freeze: --freeze=last:N, until:LAYER, or an unfreeze
+schedule whose lower part stays frozen): the features are the output of the
+cut layer below everything any stage trains (model/split.py), keyed by the
+cut too; training builds only the layers above the cut and the head, with the
+variable names of the full network, so a checkpoint holds the trained top and
+head, and `full_checkpoint` composes it with the snapshot (whose values below
+the cut the features were computed with) into the full model. The snapshot
+holds the whole backbone; only its values below the cut must agree with a
+checkpoint trained without the cache.
 """
 import logging
 import os
@@ -56,6 +66,7 @@ from estimator_transfer.feature_cache.extractor import Extractor
 from estimator_transfer.feature_cache.input_fn import CachedData, build_cached_input_fn
 from estimator_transfer.model import backbone_types
 from estimator_transfer.model import backbones
+from estimator_transfer.model import split as split_lib
 
 log = logging.getLogger("estimator_transfer")
 
@@ -74,11 +85,17 @@ class FeatureCache:
       raise ConfigError("--cache_features=DIR is required for the feature cache.")
     self.config = config
     self.resolved = resolved or backbones.resolve(config.backbone)
-    self.key, self.details = key_lib.fingerprint(config, self.resolved)
+    self._extractor = None
+    if split_lib.is_partial(config) and split_lib.needs_layout(self.resolved):
+      # The extraction graph builds the model anyway: the cut is read from it.
+      self._extractor = Extractor(config, self.resolved,
+                                  lambda: split_lib.cut_point(config, self.resolved))
+    # A partial freeze caches the frozen part below this cut (None: all of it).
+    self.cut = split_lib.cut_point(config, self.resolved)
+    self.key, self.details = key_lib.fingerprint(config, self.resolved, self.cut)
     self.root = os.path.join(config.input.cache_features, self.key)
     model_dir = config.run.model_dir
     self.model_dir_root = os.path.join(model_dir, store.MODEL_DIR_SUBDIR) if model_dir else ""
-    self._extractor = None
 
   @property
   def snapshot_dir(self) -> str:
@@ -91,7 +108,7 @@ class FeatureCache:
 
   def _extractor_for(self) -> Extractor:
     if self._extractor is None:
-      self._extractor = Extractor(self.config, self.resolved)
+      self._extractor = Extractor(self.config, self.resolved, self.cut)
     return self._extractor
 
   def close(self) -> None:
@@ -171,8 +188,10 @@ class FeatureCache:
       return  # a broken checkpoint: the resume logic reports or skips it
     names = reader.get_variable_to_shape_map()
     snapshot_reader = tf.train.load_checkpoint(snapshot.prefix)
+    # With a partial cache only the frozen part's values decide the features.
+    frozen = set(self.cut.bottom_weights) if self.cut is not None else None
     for name in snapshot_reader.get_variable_to_shape_map():
-      if name in names and not np.array_equal(reader.get_tensor(name),
+      if name in names and (frozen is None or name in frozen) and not np.array_equal(reader.get_tensor(name),
                                               snapshot_reader.get_tensor(name)):
         raise ConfigError(
             f"the checkpoint {latest} holds other backbone values ({name}) than the "
@@ -235,7 +254,15 @@ class FeatureCache:
       raise ConfigError(f"no example of {data} could be read for the feature cache; "
                         "check the data (and --image_key/--label_key).")
     return CachedData([store.unit_paths(self.root, u.key)[0] for u in units], counts,
-                      snapshot.feature_dim, computed, units, compute_seconds)
+                      snapshot.feature_dim, computed, units, compute_seconds,
+                      self.cut.shape if self.cut is not None else ())
+
+  def describe(self) -> str:
+    """What the cache holds, for the start banner."""
+    if self.cut is None:
+      return f"features of the whole frozen backbone, in {self.root}"
+    return (f"frozen part of the backbone: {self.cut.describe()}; the layers above it "
+            f"and the head train on them; in {self.root}")
 
   def _compute_missing(self, missing, markers, snapshot, class_names, num_classes):
     """Computes the `missing` units another writer has not done; fills `markers`.

@@ -3,14 +3,16 @@
 `ResolvedBackbone.instantiate(images, "all", training=False)` is the very
 computation a frozen backbone does in training, evaluation and serving; it
 runs here on the pixels `preprocessing.decode_and_resize` gives, one unit at
-a time, with the values of one snapshot.
+a time, with the values of one snapshot. A partial cache runs the frozen
+part below its cut instead (`split.instantiate_bottom`), in inference mode
+as the full network runs it.
 
 Augmented copies (--cache_features_with_augmentation=K): copy c of a unit
 gets its own fixed random augmentation (stateless seeds from the unit and
 copy number), so a recomputed unit is identical.
 """
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +24,7 @@ from estimator_transfer.errors import ConfigError
 from estimator_transfer.feature_cache import key as key_lib
 from estimator_transfer.feature_cache import store
 from estimator_transfer.model import backbone_types
+from estimator_transfer.model import split as split_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +125,16 @@ def _session(config: ExperimentConfig, graph: tf.Graph) -> tf.compat.v1.Session:
 class Extractor:
   """The backbone in a standalone graph and session, fed one unit at a time."""
 
-  def __init__(self, config: ExperimentConfig, resolved: backbone_types.ResolvedBackbone):
+  def __init__(self, config: ExperimentConfig, resolved: backbone_types.ResolvedBackbone,
+               cut: Union[None, split_lib.Split, Callable[[], split_lib.Split]] = None):
     """Builds the graph and session (no snapshot values loaded yet).
 
     Args:
       config: the experiment (input keys, batch size, augmentation, threads).
       resolved: the backbone.
+      cut: a partial cache's split (or a function giving it, called once the
+        model is built): the features are the output of its cut layer
+        (flattened); None: the whole frozen backbone's.
     """
     self.graph = tf.Graph()
     with self.graph.as_default():
@@ -142,11 +149,16 @@ class Extractor:
       # The dtype policy (--mixed_precision) the model_fn builds the backbone
       # with: cached features are what training and serving would compute.
       policy = key_lib.policy(config)
-      out = resolved.instantiate(images, "all", training=False,
-                                 **({"policy": policy} if policy != "float32" else {}))
-      self.features = out.features
-      self.feature_dim = int(out.features.shape[-1])
-      self._init_fn = out.init_fn
+      self.cut = None
+      if cut is not None:
+        features, self._init_fn, self.cut = split_lib.instantiate_bottom(resolved, cut, images,
+                                                                         policy)
+        self.features = tf.reshape(features, [-1, self.cut.feature_dim])
+      else:
+        out = resolved.instantiate(images, "all", training=False,
+                                   **({"policy": policy} if policy != "float32" else {}))
+        self.features, self._init_fn = out.features, out.init_fn
+      self.feature_dim = int(self.features.shape[-1])
       self._variables = {v.op.name: v for v in tf.compat.v1.global_variables()}
       self._saver = tf.compat.v1.train.Saver(self._variables, sharded=False)
       init = [tf.compat.v1.global_variables_initializer(),

@@ -4,7 +4,7 @@ They yield ({"backbone_features": float32 [batch, D]}, int32 labels [batch]),
 the features the model_fn's feature-cache mode takes instead of images.
 """
 import dataclasses
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -29,6 +29,8 @@ class CachedData:
     units: the units.
     compute_seconds: time this call spent computing units (not building the
       backbone graph or the snapshot).
+    feature_shape: the features' shape per example (a partial cache's cut
+      layer output, e.g. [7, 7, 320]); the records hold them flattened.
   """
   files: List[str]
   counts: List[int]
@@ -36,6 +38,11 @@ class CachedData:
   computed: int
   units: List[key_lib.Unit]
   compute_seconds: float = 0.0
+  feature_shape: Tuple[int, ...] = ()  # per example; () is (feature_dim,)
+
+  @property
+  def shape(self) -> Tuple[int, ...]:
+    return tuple(self.feature_shape) or (self.feature_dim,)
 
   @property
   def num_examples(self) -> int:
@@ -45,14 +52,20 @@ class CachedData:
 # Plain graph code: autograph's conversion would only add tracing time.
 
 
-def _parser(dim: int) -> Callable:
+def _parser(shape: Tuple[int, ...]) -> Callable:
+  dim = 1
+  for d in shape:
+    dim *= int(d)
   spec = {store.FEATURE_KEY: tf.io.FixedLenFeature([dim], tf.float32),
           store.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
 
   @tf.autograph.experimental.do_not_convert
   def parse(records):
     parsed = tf.io.parse_example(records, spec)
-    return parsed[store.FEATURE_KEY], tf.cast(parsed[store.LABEL_KEY], tf.int32)
+    features = parsed[store.FEATURE_KEY]
+    if len(shape) > 1:
+      features = tf.reshape(features, [-1, *shape])
+    return features, tf.cast(parsed[store.LABEL_KEY], tf.int32)
 
   return parse
 
@@ -87,7 +100,7 @@ def _train_dataset(cached: CachedData, i: InputConfig, seed: Optional[int],
   ds = file_ds.flat_map(_read)
   if record_shards:
     ds = ds.shard(num_shards, index)
-  ds = ds.batch(1024).map(_parser(cached.feature_dim),
+  ds = ds.batch(1024).map(_parser(cached.shape),
                           num_parallel_calls=tf.data.AUTOTUNE).unbatch()
   if in_memory:
     # Cached features are small: keep them after the first pass and shuffle
@@ -130,7 +143,7 @@ def build_cached_input_fn(cached: CachedData, input_config: InputConfig, trainin
     del params
     if not training:
       files = [f for f, c in zip(cached.files, cached.counts) if c]
-      ds = tf.data.TFRecordDataset(files).batch(batch_size).map(_parser(cached.feature_dim))
+      ds = tf.data.TFRecordDataset(files).batch(batch_size).map(_parser(cached.shape))
       return ds.map(_as_features).prefetch(tf.data.AUTOTUNE)
     num_shards, index = pipeline.shard_spec(config, input_context)
     ds = _train_dataset(cached, i, seed, num_epochs, num_shards, index)

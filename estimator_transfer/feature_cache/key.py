@@ -1,8 +1,9 @@
 """What identifies cached features: the backbone's key and the input's units.
 
 A key names one backbone: a hash of its content (the weights / model /
-module files), architecture, image size, value range, cut point
-(--backbone_output_layer), freeze point, dtype policy and a hash of the
+module files), architecture, image size, value range, output layer
+(--backbone_output_layer), freeze point (all, or for a partial cache the cut
+layer's name, position and output shape), dtype policy and a hash of the
 preprocessing code (decoding, resizing, value range). Files are hashed by
 content, so a moved file keeps its key and a changed one (same name) gets a
 new one.
@@ -35,6 +36,7 @@ from estimator_transfer.data import preprocessing
 from estimator_transfer.data import sources
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.model import backbone_types
+from estimator_transfer.model import split as split_lib
 
 FORMAT_VERSION = 1
 FOLDER_UNIT = 256  # image files per unit of an image folder
@@ -115,13 +117,14 @@ def preprocessing_version() -> str:
   return _KNOWN_PREPROCESSING.get(digest, digest[:12])
 
 
-def fingerprint(config: ExperimentConfig,
-                resolved: backbone_types.ResolvedBackbone) -> Tuple[str, dict]:
-  """The cache key of a backbone.
+def fingerprint(config: ExperimentConfig, resolved: backbone_types.ResolvedBackbone,
+                cut: Optional[split_lib.Split] = None) -> Tuple[str, dict]:
+  """The cache key of a backbone (or of its frozen part below `cut`).
 
   Args:
     config: the experiment (its backbone section and dtype policy count).
     resolved: the resolved backbone.
+    cut: where a partial cache cuts the backbone; None: the whole backbone.
 
   Returns:
     (16 hex digits, the details they hash; written as the key's key.json).
@@ -131,6 +134,10 @@ def fingerprint(config: ExperimentConfig,
              "kind": resolved.kind, "image_size": resolved.image_size,
              "value_range": resolved.value_range, "output_layer": b.output_layer,
              "freeze": "all"}
+  if cut is not None:
+    # The features of the frozen part: the output of the cut layer.
+    details["freeze"] = "below cut"
+    details["cut"] = {"layer": cut.cut, "index": cut.index, "shape": list(cut.shape)}
   description = resolved.description
   if resolved.kind in ("hub_tf1", "hub_tf2"):
     details["module"] = content_hash([resolved.hub_path])

@@ -127,15 +127,8 @@ class ResolvedBackbone:
       ConfigError: the plan does not fit this backbone, or a mixed policy
         for a Hub module.
     """
-    stages = [specs.Stage(0, specs.parse_spec(plan))] if isinstance(plan, str) \
-        else list(plan)
-    stage_index = None
-    if len(stages) > 1:
-      # Read the step before the train op increments it: the stage tensor
-      # feeds the forward pass, so the read is ordered before the update.
-      stage_index = tf.identity(schedules.stage_index_op(
-          tf.compat.v1.train.get_or_create_global_step(),
-          [s.start for s in stages[1:]]), name="freeze_stage")
+    stages = plan_stages(plan)
+    stage_index = stage_index_op(stages)
     if self.kind == "identity":
       # No backbone: the head reads the input features (numeric CSV/array data).
       return no_backbone_output(
@@ -162,6 +155,22 @@ class ResolvedBackbone:
 # ----------------------------------------------------------------------------
 # Helpers the kinds share
 # ----------------------------------------------------------------------------
+
+
+def plan_stages(plan) -> List[specs.Stage]:
+  """A freeze spec string or a list of stages, as a list of stages."""
+  return [specs.Stage(0, specs.parse_spec(plan))] if isinstance(plan, str) else list(plan)
+
+
+def stage_index_op(stages: Sequence[specs.Stage]) -> Optional[tf.Tensor]:
+  """The int32 unfreeze-stage tensor of the global step; None with one stage."""
+  if len(stages) <= 1:
+    return None
+  # Read the step before the train op increments it: the stage tensor feeds
+  # the forward pass, so the read is ordered before the update.
+  return tf.identity(schedules.stage_index_op(
+      tf.compat.v1.train.get_or_create_global_step(),
+      [s.start for s in stages[1:]]), name="freeze_stage")
 
 
 def seed_keras_initializers(seed: int) -> None:

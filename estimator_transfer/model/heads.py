@@ -99,6 +99,15 @@ class Head:
   def weights(self) -> list:
     return [w for layer in self._layers + [self._logits] for w in layer.weights]
 
+  @property
+  def dense_layers(self) -> list:
+    """The dense layers in forward order (hidden ones, then the logits)."""
+    return self._layers + [self._logits]
+
+  @property
+  def dropout_rate(self) -> float:
+    return self._config.dropout_rate
+
   # --------------------------------------------------------------------------
 
   def loss(self, labels, logits):

@@ -58,38 +58,23 @@ class KerasBackbone(backbone_types.ResolvedBackbone):
   MIXED_PRECISION = True
 
   def _build(self, x, stages, stage_index, training, policy):
-    with _dtype_policy(policy):
+    with dtype_policy(policy):
       out = self._build_model(x, stages, stage_index, training)
     if out.features.dtype != tf.float32:
       out.features = tf.cast(out.features, tf.float32)
     return out
 
   def _build_model(self, x, stages, stage_index, training):
-    # Constructing a Keras model in a graph applies it to its own Input (a
-    # copy that never runs); in the default learning phase every BatchNorm of
-    # that copy becomes a tf.cond with both modes, half of the model_fn's
-    # time. Inference mode keeps the copy small; the call below sets the
-    # modes of the copy that runs.
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message=".*learning_phase_scope.*deprecated")
-      with tf.keras.backend.learning_phase_scope(0):
-        model = self.build_keras()
+    model = build_inference_copy(self.build_keras)
     # The freeze plan alone decides what trains: undo any `trainable=False`
     # saved with the model (it would empty the lists read below).
     model.trainable = True
-    layers = [l for l in _flat_layers(model) if l.weights]
+    layers = [l for l in flat_layers(model) if l.weights]
     # Read before any `trainable` toggling empties the lists.
     groups = [freezing.LayerGroup(l.name, list(l.weights), l, list(l.trainable_weights))
               for l in layers]
     resolved = freezing.resolve_stages(stages, groups)
-    for i, layer in enumerate(layers):
-      trains = [not r.frozen_layers[i] for r in resolved]
-      # A layer that never trains is not trainable: Keras then keeps it (and
-      # its BatchNorm) in inference mode and drops its update ops.
-      layer.trainable = any(trains)
-      if hasattr(layer, "_get_training_value"):
-        _pin_training_mode(layer, backbone_types.training_mode(trains, stage_index, training))
-    any_trains = [not all(r.frozen_layers) for r in resolved]
+    any_trains = configure_layers(layers, resolved, stage_index, training)
     features = model(x, training=backbone_types.training_mode(any_trains, stage_index,
                                                                training))
     features = backbone_types.pool_features(features)
@@ -102,7 +87,7 @@ class KerasBackbone(backbone_types.ResolvedBackbone):
               if training else [])
     init_fn = None
     if self.keras_weights is not None:
-      init_fn = _assign_init_fn(model.weights, self.keras_weights, self.description)
+      init_fn = assign_init_fn(model.weights, self.keras_weights, self.description)
     return backbone_types.BackboneOutput(
         features, groups, freezing.stage_variables(stages, resolved, groups),
         freezing.union_trainable(resolved, groups), updates, losses, init_fn)
@@ -278,9 +263,9 @@ def _rebuilder(model) -> Callable[[], tf.keras.Model]:
     cls = tf.keras.Sequential if model_class is tf.keras.Sequential else tf.keras.Model
     policy = tf.keras.mixed_precision.global_policy().name
     # The saved config pins every layer's dtype (float32): a mixed policy
-    # (`_dtype_policy`) must be written into it.
+    # (`dtype_policy`) must be written into it.
     return cls.from_config(model_config if policy == "float32" else
-                           _keras_config_with_policy(model_config, policy))
+                           keras_config_with_policy(model_config, policy))
 
   return build
 
@@ -290,13 +275,49 @@ def _rebuilder(model) -> Callable[[], tf.keras.Model]:
 # ----------------------------------------------------------------------------
 
 
+def build_inference_copy(build: Callable[[], tf.keras.Model]) -> tf.keras.Model:
+  """`build()` in Keras' inference learning phase.
+
+  Constructing a Keras model in a graph applies it to its own Input (a copy
+  that never runs); in the default learning phase every BatchNorm of that
+  copy becomes a tf.cond with both modes, half of the model_fn's time.
+  Inference mode keeps the copy small; the call that runs sets its modes.
+  """
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*learning_phase_scope.*deprecated")
+    with tf.keras.backend.learning_phase_scope(0):
+      return build()
+
+
+def configure_layers(layers, resolutions, stage_index, training: bool) -> List[bool]:
+  """Sets each weighted layer's trainability and training mode from the plan.
+
+  Args:
+    layers: the weighted layers, in the order of the resolutions' masks.
+    resolutions: one `freezing.Resolution` per stage.
+    stage_index: the stage tensor (None with one stage).
+    training: whether this graph trains.
+
+  Returns:
+    Per stage, whether any of `layers` trains in it.
+  """
+  for i, layer in enumerate(layers):
+    trains = [not r.frozen_layers[i] for r in resolutions]
+    # A layer that never trains is not trainable: Keras then keeps it (and
+    # its BatchNorm) in inference mode and drops its update ops.
+    layer.trainable = any(trains)
+    if hasattr(layer, "_get_training_value"):
+      pin_training_mode(layer, backbone_types.training_mode(trains, stage_index, training))
+  return [not all(r.frozen_layers) for r in resolutions]
+
+
 @contextlib.contextmanager
-def _dtype_policy(policy: str):
+def dtype_policy(policy: str):
   """Keras' global dtype policy set to `policy` while the backbone is built.
 
   Layers take the policy when they are constructed; it is restored at once,
   so the head (and anything else) stays float32. A model rebuilt from a
-  config carries a `dtype` per layer, which `_keras_config_with_policy`
+  config carries a `dtype` per layer, which `keras_config_with_policy`
   rewrites.
   """
   previous = tf.keras.mixed_precision.global_policy()
@@ -310,7 +331,7 @@ def _dtype_policy(policy: str):
     tf.keras.mixed_precision.set_global_policy(previous)
 
 
-def _keras_config_with_policy(model_config: dict, policy: str) -> dict:
+def keras_config_with_policy(model_config: dict, policy: str) -> dict:
   """A functional/Sequential model config whose layers use `policy`.
 
   Input layers keep their dtype (the images arrive as float32 and every
@@ -322,13 +343,13 @@ def _keras_config_with_policy(model_config: dict, policy: str) -> dict:
       continue
     inner = layer.get("config", {})
     if "layers" in inner:  # a nested model
-      layer["config"] = _keras_config_with_policy(inner, policy)
+      layer["config"] = keras_config_with_policy(inner, policy)
     elif "dtype" in inner:
       inner["dtype"] = policy
   return config
 
 
-def _pin_training_mode(layer, mode) -> None:
+def pin_training_mode(layer, mode) -> None:
   """Makes a BatchNorm-like layer use `mode` whatever its caller passes.
 
   Keras BatchNormalization asks `_get_training_value` for its mode; pinning it
@@ -339,18 +360,18 @@ def _pin_training_mode(layer, mode) -> None:
   object.__setattr__(layer, "_get_training_value", lambda training=None: mode)
 
 
-def _flat_layers(model) -> list:
+def flat_layers(model) -> list:
   """Layers of a (possibly nested) Keras model in forward order."""
   out = []
   for layer in model.layers:
     if isinstance(layer, tf.keras.Model) or hasattr(layer, "layers") and layer.layers:
-      out.extend(_flat_layers(layer))
+      out.extend(flat_layers(layer))
     else:
       out.append(layer)
   return out
 
 
-def _assign_init_fn(variables, values, description):
+def assign_init_fn(variables, values, description):
   """Scaffold init_fn that loads pretrained values into `variables`."""
   if len(variables) != len(values):
     raise ConfigError(

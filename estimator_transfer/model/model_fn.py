@@ -24,6 +24,7 @@ from estimator_transfer.model import freezing
 from estimator_transfer.model import heads
 from estimator_transfer.model import optimizers
 from estimator_transfer.model import schedules
+from estimator_transfer.model import split
 from estimator_transfer.model import training_setup
 
 ModeKeys = tf.estimator.ModeKeys
@@ -94,9 +95,14 @@ def _backbone(config, resolved, setup, features, labels, training):
   """The backbone applied to the input (or the cached features of its frozen run)."""
   plan = _freeze_plan(config, setup, training)
   if isinstance(features, dict) and CACHED_FEATURES_KEY in features:
-    # Feature-cache mode: the frozen backbone already ran (feature_cache/);
-    # nothing of it is in the graph, so only the head trains and is saved.
-    return backbone_types.no_backbone_output(features[CACHED_FEATURES_KEY])
+    # Feature-cache mode: the frozen backbone (or its frozen lower part)
+    # already ran (feature_cache/); only the head and the backbone's layers
+    # above the cut are in the graph, trained and saved.
+    cut = split.cut_point(config, resolved)
+    if cut is None:
+      return backbone_types.no_backbone_output(features[CACHED_FEATURES_KEY])
+    return split.instantiate_top(resolved, cut, features[CACHED_FEATURES_KEY], plan, training,
+                                 policy=config.run.mixed_precision, seed=config.run.seed)
   images = _model_input(features)
   if training and images.shape.rank == 4:
     _input_summaries(config, images, labels)

@@ -98,7 +98,8 @@ def count_training_data(config: ExperimentConfig) -> Tuple[int, List[int]]:
       for record in tf.compat.v1.io.tf_record_iterator(path):
         total += 1
         feature = tf.train.Example.FromString(record).features.feature.get(key)
-        for i in (feature.int64_list.value if feature is not None else ()):
+        for raw in (feature.int64_list.value if feature is not None else ()):
+          i = raw - config.input.label_offset  # slim's 1-based ids (--label_offset)
           if 0 <= i < num_classes:
             counts[i] += 1
   log.info("counted %d training examples in %s (per class: %s); --train_size "
