@@ -1,4 +1,9 @@
-"""et-export: write a TF Serving SavedModel version from a checkpoint.
+"""et-export: write a TF Serving SavedModel version (or a Keras model) from a checkpoint.
+
+--format=keras writes `<export_dir>/<version>/model.keras` and
+keras_export.json instead (serving/keras_export.py): a model that
+keras.models.load_model reads in Keras 3 (TensorFlow 2.16+) and tf.keras 2.15
+and that model.fit can train further.
 
 With --check, the finished version is loaded the way TF Serving loads it and
 every signature is run on sample inputs before it is published (see
@@ -14,6 +19,7 @@ from estimator_transfer.cli import flags as et_flags
 from estimator_transfer.cli import trained_model
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.serving import inspect as inspection
+from estimator_transfer.serving import keras_export
 from estimator_transfer.training import experiment as runner
 
 FLAGS = flags.FLAGS
@@ -25,6 +31,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("check", False, "Load the new version as TF Serving does, "
                       "print its signatures, run each on sample inputs, and publish "
                       "it only if all pass.")
+  if "format" not in FLAGS:
+    flags.DEFINE_enum("format", "savedmodel", ["savedmodel", "keras"],
+                      "savedmodel: a TF Serving SavedModel version; keras: model.keras "
+                      "+ keras_export.json for keras.models.load_model in TF 2.16+ "
+                      "(Keras 3) and tf.keras 2.15, trainable with fit.")
 
 
 def main(argv):
@@ -46,8 +57,21 @@ def main(argv):
                         "nothing was published")
 
   try:
-    path = experiment.export(checkpoint_path=checkpoint,
-                             verify=verify if FLAGS.check else None)
+    if FLAGS.format == "keras":
+      if FLAGS.check:
+        raise ConfigError("--check runs TF Serving signatures, which a Keras export "
+                          "does not have; drop --check (the Keras export always checks "
+                          "its predictions against the Estimator graph).")
+      keras_export.check_exportable(experiment.backbone)
+      if not cfg.export.export_dir:
+        raise ConfigError("--export_dir is required for export.")
+      path = keras_export.export_keras(
+          experiment.config, experiment.backbone, cfg.export.export_dir,
+          experiment.servable_checkpoint(checkpoint) or
+          tf.train.latest_checkpoint(cfg.run.model_dir))
+    else:
+      path = experiment.export(checkpoint_path=checkpoint,
+                               verify=verify if FLAGS.check else None)
   except (OSError, tf.errors.OpError) as e:
     storage = files.storage_error(e, cfg.export.export_dir)
     if storage is None:

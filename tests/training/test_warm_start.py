@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from estimator_transfer.training import experiment as runner
 from estimator_transfer.training import warm_start
@@ -123,3 +124,71 @@ def test_missing_or_unrelated_source_is_a_clear_error(tiny_data, tiny_backbone, 
                     continual__warm_start_from=tiny_backbone["saved_model"])
   with pytest.raises(ConfigError, match="shares no variable"):
     runner.Experiment(cfg).train()
+
+
+# Another framework's run of the tiny CNN: its own scopes, a 5-class logits
+# layer, an auxiliary tower this model lacks, an optimizer slot and a step.
+_FOREIGN = {"net/block1/conv/kernel": (3, 3, 3, 4), "net/block1/conv/bias": (4,),
+            "net/block1/bn/gamma": (4,), "net/block1/bn/beta": (4,),
+            "net/block1/bn/moving_mean": (4,), "net/block1/bn/moving_variance": (4,),
+            "net/block2/conv/kernel": (3, 3, 4, 8), "net/block2/conv/bias": (8,),
+            "net/logits/kernel": (8, 5), "net/logits/bias": (5,),
+            "net/aux/kernel": (8, 2), "net/block1/conv/kernel/Momentum": (3, 3, 3, 4)}
+_MAP = ("net/block1/conv/=conv1/,net/block1/bn/=bn1/,net/block2/conv/=conv2/,"
+        "net/logits/=head_logits/,net/aux/=aux/")
+
+
+def _foreign_checkpoint(path):
+  """A real TF checkpoint written under the other framework's variable names."""
+  rng = np.random.RandomState(4)
+  values = {name: rng.uniform(0.5, 1.5, shape).astype(np.float32)
+            for name, shape in _FOREIGN.items()}
+  with tf.Graph().as_default():
+    variables = [tf.compat.v1.Variable(v, name=n) for n, v in values.items()]
+    variables.append(tf.compat.v1.train.get_or_create_global_step())
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      prefix = tf.compat.v1.train.Saver(variables).save(sess, str(path))
+  return prefix, values
+
+
+def test_warm_start_map_renames_a_foreign_checkpoint_and_reports_every_variable(
+    tiny_data, tiny_backbone, tmp_path, caplog):
+  prefix, old = _foreign_checkpoint(tmp_path / "foreign" / "ckpt")
+  with caplog.at_level(logging.INFO, logger="estimator_transfer"):
+    _, values, record = _warm(tiny_data, tiny_backbone, tmp_path, prefix,
+                              continual__warm_start_map=_MAP)
+  pairs = {"conv1/kernel": "net/block1/conv/kernel", "conv1/bias": "net/block1/conv/bias",
+           "bn1/gamma": "net/block1/bn/gamma", "bn1/moving_mean": "net/block1/bn/moving_mean",
+           "bn1/moving_variance": "net/block1/bn/moving_variance",
+           "conv2/kernel": "net/block2/conv/kernel", "conv2/bias": "net/block2/conv/bias"}
+  for new, src in pairs.items():
+    np.testing.assert_array_equal(values[new], old[src], err_msg=new)
+    assert record["renamed_by_warm_start_map"][new] == src
+  # EMA shadows start at the renamed source weights.
+  np.testing.assert_array_equal(values["conv1/kernel" + EMA], old["net/block1/conv/kernel"])
+  # Not in the source under any name: keeps its pretrained value.
+  np.testing.assert_array_equal(values["bn2/gamma"], tiny_backbone["values"]["bn2/gamma"])
+  assert "bn2/gamma" in record["reinitialized_not_in_source"]
+  assert record["skipped_shape_changed"]["head_logits/kernel"] == "[8, 5] -> [8, 3]"
+  assert record["source_not_used"] == {
+      "net/logits/kernel": "shape or dtype changed (head_logits/kernel: [8, 5] -> [8, 3])",
+      "net/logits/bias": "shape or dtype changed (head_logits/bias: [5] -> [3])",
+      "net/aux/kernel": "renamed to aux/kernel, which this model does not have",
+      "net/block1/conv/kernel/Momentum":
+          "optimizer state or step (a warm start starts them fresh)",
+      "global_step": "optimizer state or step (a warm start starts them fresh)"}
+  assert "matched through --warm_start_map" in caplog.text
+  assert "net/aux/kernel (renamed to aux/kernel" in caplog.text
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(continual__warm_start_map="net/=x/"), "set --warm_start_from too"),
+    (dict(continual__warm_start_from="/some/ckpt", continual__warm_start_map="net/=,junk"),
+     "entry 'junk' is not OLD_PREFIX=NEW_PREFIX"),
+])
+def test_warm_start_map_is_validated(tiny_data, tiny_backbone, tmp_path, overrides, message):
+  cfg = tiny_config(tiny_data, tiny_backbone, tmp_path / "model", **overrides)
+  with pytest.raises(ConfigError, match=message):
+    cfg.validate()
+  assert warm_start.parse_name_map(" a/=b/ , =c/,d=") == [("a/", "b/"), ("", "c/"), ("d", "")]
