@@ -1,6 +1,6 @@
 """Builds the offline demo dataset from scikit-learn's bundled digits.
 
-The 8x8 handwritten digits are upscaled to 32x32 RGB PNGs and written as:
+The 8x8 handwritten digits are upscaled to --image_size (16) RGB PNGs and written as:
 
   <output_dir>/pretrain/{train,eval}/   digits 0-4, TFRecord shards + labels.txt
                                         (what the demo backbone is pretrained on)
@@ -22,8 +22,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_string("output_dir", "demo_data", "Where to write the dataset.")
-flags.DEFINE_integer("image_size", 32, "Output image size in pixels.")
-flags.DEFINE_integer("train_per_class", 10, "Fine-tune training images per class.")
+flags.DEFINE_integer("image_size", 16, "Output image size in pixels.")
+flags.DEFINE_integer("train_per_class", 3, "Fine-tune training images per class.")
 flags.DEFINE_integer("num_shards", 2, "TFRecord shards per split.")
 FLAGS = flags.FLAGS
 

@@ -1,18 +1,21 @@
 """Evaluation reports: per-class precision/recall/F1, confusion matrix, PNG.
 
+The PNG (`confusion_matrix.png`: counts and row shares, class names, accuracy
+and step in the title) is drawn by `evaluation.plots` with matplotlib.
+
 The numbers come from a confusion matrix accumulated in the eval graph (one
 pass over the data, see `model.metrics.confusion_matrix_metric`), so a report costs no
 second pass; the same report is built for an exported SavedModel by
 `evaluation.export_eval`.
 """
-import io
 import json
 import os
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
 
 from estimator_transfer import files
+from estimator_transfer.evaluation import plots
 
 REPORT_FILENAME = "eval_results.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -95,7 +98,8 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
 
   Args:
     report: a `full_report` / `classification_report` dict; the PNG is drawn
-      only when it has a confusion matrix.
+      only when it has a confusion matrix and matplotlib is installed (the
+      `plots` extra).
     out_dir: the directory (created when missing).
 
   Returns:
@@ -104,58 +108,19 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
   json_path = os.path.join(out_dir, REPORT_FILENAME)
   files.write_atomically(json_path, json.dumps(report, indent=2, sort_keys=True))
   paths = {"json": json_path}
-  if report.get("confusion_matrix"):
+  if report.get("confusion_matrix") and plots.available():
     png_path = os.path.join(out_dir, CONFUSION_PNG)
-    render_confusion_png(np.asarray(report["confusion_matrix"]), report["class_names"],
-                         png_path)
+    files.write_atomically(png_path, report_png(report))
     paths["png"] = png_path
   return paths
 
 
-def render_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: str,
-                         cell: Optional[int] = None) -> None:
-  """Writes `confusion_png` of the matrix to `path`, atomically."""
-  files.write_atomically(path, confusion_png(matrix, class_names, cell))
+def report_title(report: Mapping) -> str:
+  """The picture's title: accuracy and global step of the report, when known."""
+  return plots.confusion_title(report.get("accuracy"), report.get("global_step"))
 
 
-def confusion_png(matrix: np.ndarray, class_names: Sequence[str],
-                  cell: Optional[int] = None) -> bytes:
-  """A row-normalised confusion matrix heat map with counts, as PNG bytes.
-
-  Args:
-    matrix: int [C, C], rows true class, columns predicted class.
-    class_names: C names (row and column labels, cut to 20 characters).
-    cell: the side of one cell in pixels; by default it shrinks with C.
-
-  Returns:
-    The encoded PNG: diagonal cells blue, off-diagonal ones red, darker for a
-    larger share of the row.
-  """
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top  # optional: Pillow
-  n = matrix.shape[0]
-  cell = cell or max(18, min(48, 720 // max(n, 1)))
-  label_w = min(160, 8 + 7 * max((len(str(c)) for c in class_names), default=1))
-  top = 28
-  width, height = label_w + n * cell + 10, top + label_w + n * cell + 10
-  image = Image.new("RGB", (width, height), "white")
-  draw = ImageDraw.Draw(image)
-  draw.text((4, 4), "true (rows) vs predicted (columns)", fill="black")
-  rows = matrix.sum(axis=1, keepdims=True).astype(np.float64)
-  norm = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=np.float64), where=rows > 0)
-  x0, y0 = label_w, top + label_w
-  for i in range(n):
-    draw.text((4, y0 + i * cell + cell // 2 - 5), str(class_names[i])[:20], fill="black")
-    column_label = Image.new("RGB", (label_w, 12), "white")
-    ImageDraw.Draw(column_label).text((2, 0), str(class_names[i])[:20], fill="black")
-    image.paste(column_label.rotate(90, expand=True), (x0 + i * cell + cell // 2 - 6, top))
-    for j in range(n):
-      shade = int(255 * (1.0 - norm[i, j]))
-      colour = (shade, shade, 255) if i == j else (255, shade, shade)
-      box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1]
-      draw.rectangle(box, fill=colour, outline=(200, 200, 200))
-      if cell >= 18 and matrix[i, j]:
-        draw.text((box[0] + 3, box[1] + cell // 2 - 5), str(int(matrix[i, j])),
-                  fill="black" if shade > 110 else "white")
-  out = io.BytesIO()
-  image.save(out, format="PNG")
-  return out.getvalue()
+def report_png(report: Mapping) -> bytes:
+  """The report's confusion matrix as PNG bytes (needs matplotlib: `plots.available()`)."""
+  return plots.confusion_png(np.asarray(report["confusion_matrix"]), report["class_names"],
+                             report_title(report))

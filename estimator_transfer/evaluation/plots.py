@@ -1,0 +1,121 @@
+"""Pictures of evaluations, drawn with matplotlib (the `plots` extra).
+
+`confusion_png` draws a confusion matrix (counts and row-normalised shares,
+class names, a title with accuracy and step); `strategies_png` draws the
+validation-accuracy curves of several runs next to the confusion matrix of
+one of them (what `make demo` writes to demo/strategies.png).
+
+matplotlib is optional: it is imported when a picture is drawn, and
+`available()` tells callers whether pictures can be drawn at all.
+"""
+import importlib.util
+import io
+from typing import Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+Curve = Sequence[Tuple[int, float]]
+
+
+def available() -> bool:
+  """Whether matplotlib is installed (`pip install estimator-transfer[plots]`)."""
+  return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot():
+  # Optional heavy dependency (the `plots` extra): imported only when drawing,
+  # with the file-only Agg backend so that no display is ever needed.
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg", force=True)
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+  return pyplot
+
+
+def confusion_title(accuracy: Optional[float] = None, step: Optional[int] = None,
+                    prefix: str = "confusion matrix") -> str:
+  """'confusion matrix: accuracy 0.912 at step 300' (the parts that are known)."""
+  parts = []
+  if accuracy is not None:
+    parts.append(f"accuracy {accuracy:.3f}")
+  if step is not None:
+    parts.append(f"at step {int(step)}")
+  return f"{prefix}: {' '.join(parts)}" if parts else prefix
+
+
+def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], title: str) -> None:
+  """Draws `matrix` on the axes `ax`: colour = row share, text = count and share.
+
+  Args:
+    ax: a matplotlib Axes.
+    matrix: int [C, C], rows true class, columns predicted class.
+    class_names: C names (cut to 20 characters).
+    title: the axes title.
+  """
+  matrix = np.asarray(matrix, dtype=np.int64)
+  n = matrix.shape[0]
+  rows = matrix.sum(axis=1, keepdims=True).astype(np.float64)
+  shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+  ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+  names = [str(c)[:20] for c in class_names] or [str(i) for i in range(n)]
+  ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0)
+  ax.set_yticks(range(n), names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(title, fontsize=10)
+  if n <= 20:  # beyond that the text no longer fits in a cell
+    size = 9 if n <= 10 else 6
+    for i in range(n):
+      for j in range(n):
+        if matrix[i, j]:
+          ax.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center",
+                  fontsize=size, color="white" if shares[i, j] > 0.5 else "black")
+
+
+def _png(figure) -> bytes:
+  out = io.BytesIO()
+  figure.savefig(out, format="png", dpi=100)
+  _pyplot().close(figure)
+  return out.getvalue()
+
+
+def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
+  """The confusion matrix picture as PNG bytes (see `draw_confusion`)."""
+  pyplot = _pyplot()
+  n = np.shape(matrix)[0]
+  side = min(12.0, max(4.0, 0.55 * n + 2.0))
+  figure, ax = pyplot.subplots(figsize=(side, side), layout="constrained")
+  draw_confusion(ax, matrix, class_names, title)
+  return _png(figure)
+
+
+def strategies_png(curves: Mapping[str, Curve], matrix: np.ndarray,
+                   class_names: Sequence[str], curves_title: str,
+                   matrix_title: str) -> bytes:
+  """Validation-accuracy curves of several runs and one confusion matrix, as PNG.
+
+  Args:
+    curves: run name -> [(global step, accuracy), ...] in step order.
+    matrix: the confusion matrix shown on the right.
+    class_names: its class names.
+    curves_title: title of the curves panel.
+    matrix_title: title of the confusion-matrix panel.
+
+  Returns:
+    The encoded PNG.
+  """
+  pyplot = _pyplot()
+  figure, (left, right) = pyplot.subplots(
+      1, 2, figsize=(12, 5), layout="constrained", gridspec_kw={"width_ratios": [3, 2]})
+  for name, points in curves.items():
+    if points:
+      steps, values = zip(*points)
+      left.plot(steps, values, marker="o", markersize=3, label=name)
+  left.set_xlabel("training step")
+  left.set_ylabel("validation accuracy")
+  left.set_ylim(0.0, 1.0)
+  left.locator_params(axis="x", integer=True)
+  left.grid(alpha=0.3)
+  left.legend(loc="lower right", fontsize=9)
+  left.set_title(curves_title, fontsize=10)
+  draw_confusion(right, matrix, class_names, matrix_title)
+  return _png(figure)
