@@ -22,7 +22,9 @@ setuptools.setup(
     ],
     extras_require={
         "demo": ["scikit-learn>=1.2"],
-        "test": ["scikit-learn>=1.2", "pytest>=7", "tensorflow-serving-api==2.15.*"],
+        # matplotlib: confusion_matrix.png, its TensorBoard image, demo/strategies.png.
+        "plots": ["matplotlib>=3.7"],
+        "test": ["scikit-learn>=1.2", "pytest>=7", "pytest-xdist>=3", "matplotlib>=3.7", "tensorflow-serving-api==2.15.*"],
         # TF Serving warmup files (--serving_warmup) are PredictionLog protos.
         "serving": ["tensorflow-serving-api==2.15.*"],
     },
@@ -35,6 +37,7 @@ setuptools.setup(
             "et-inspect-export=estimator_transfer.cli.inspect_export:run",
             "et-predict=estimator_transfer.cli.predict:run",
             "et-prepare-data=estimator_transfer.cli.prepare_data:run",
+            "et-retrain=estimator_transfer.cli.retrain:run",
         ],
     },
 )

@@ -143,7 +143,7 @@ def test_corruption_after_the_first_record_ends_the_iteration(tmp_path):
     ("table.data", b"path,label\na.png,1\n",
      "table.data is a CSV file, not a TFRecord file; give it a .csv name to read it as "
      "CSV, or pass TFRecord shards made by et-prepare-data."),
-    ("shard.tfrecord.gz", gzip.compress(b"x" * 100),
+    ("shard.tfrecord.gz", gzip.compress(b"x" * 100, mtime=0),
      "shard.tfrecord.gz is a gzip-compressed file, not an uncompressed TFRecord file; "
      "decompress it (gunzip) or pass TFRecord shards made by et-prepare-data."),
     ("random.bin", np.random.RandomState(3).bytes(4096),

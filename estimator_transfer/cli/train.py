@@ -8,6 +8,7 @@ from estimator_transfer.cli import cluster_job
 from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
 from estimator_transfer.cluster import tf_config as cluster
+from estimator_transfer.evaluation import tb_images
 from estimator_transfer.serving import exporters
 from estimator_transfer.training import experiment as experiment_lib
 from estimator_transfer.training import hooks
@@ -45,8 +46,9 @@ def main(argv):
 
 def _train_and_export(experiment, flag_values, after_evaluation, lock) -> None:
   cfg = experiment.config
-  loop = loop_lib.TrainingLoop(experiment, cluster.Task(),
-                               after_evaluation=[after_evaluation] if after_evaluation else [])
+  # The confusion-matrix TensorBoard image of each evaluation (when matplotlib is there).
+  callbacks = [c for c in (after_evaluation, tb_images.build_callback(cfg.run.model_dir)) if c]
+  loop = loop_lib.TrainingLoop(experiment, cluster.Task(), after_evaluation=callbacks)
   experiment.outcome = loop.outcome
   try:
     outcome = loop.run(on_corrupt_checkpoint=flag_values.on_corrupt_checkpoint,

@@ -150,6 +150,11 @@ class InputConfig:
   # up in the label map.
   label_key: str = setting(
       "image/class/label", "label_key", "tf.Example key of the int64 class id.")
+  # slim's build_image_data.py writes labels 1..N (0 is its background class).
+  label_offset: int = setting(
+      0, "label_offset", "Subtracted from every int64 TFRecord label: 1 for TFRecords "
+      "written by slim's build_image_data.py (labels 1..N, 0 reserved for background; "
+      "labels.txt then names class 1 on its first line); 0: labels start at 0.")
   # Not a flag: -1 is tf.data.AUTOTUNE.
   num_parallel_calls: int = -1
   on_bad_record: str = setting(
@@ -157,8 +162,14 @@ class InputConfig:
       "decoded: skip it (counted as bad_records in the log and eval results) or "
       "fail naming its file.", kind="enum", choices=("skip", "fail"))
   cache: str = setting(
-      "", "cache", "Keep decoded examples after the first pass: 'memory' or a file "
-      "path prefix; empty: off.", deprecated_flags=("cache_dataset",))
+      "auto", "cache", "Keep decoded training examples after the first pass: 'auto' "
+      "(in memory when the decoded training set fits --cache_budget_mb; said in the "
+      "start banner), 'memory', a file path prefix, or 'off'. Augmentation still draws "
+      "anew every epoch.", deprecated_flags=("cache_dataset",))
+  cache_budget_mb: int = setting(
+      0, "cache_budget_mb", "--cache=auto: the most memory the decoded training set "
+      "may take (examples x size x size x 3 float32); 0: a quarter of this machine's "
+      "memory.")
   random_flip: str = setting(
       "none", "random_flip", "Random flips: none, horizontal, vertical or both.")
   random_crop: bool = setting(
@@ -186,7 +197,10 @@ class InputConfig:
       "", "cache_features", "With --freeze=all: compute the backbone features of "
       "--train_data/--eval_data once into this directory (keyed by the backbone's "
       "content, image size and the input files) and train the head on them; later "
-      "runs reuse them. Exports still take images.")
+      "runs reuse them. With a partial freeze of a Keras backbone (--freeze=last:N, "
+      "until:LAYER, or an unfreeze schedule whose lower part stays frozen): the frozen "
+      "lower part's output is cached and only the layers above it and the head train. "
+      "Exports still take images.")
   cache_features_with_augmentation: int = setting(
       0, "cache_features_with_augmentation", "With --cache_features: cache this many "
       "augmented copies of each training image (the augmentation flags apply; K times "
@@ -249,7 +263,7 @@ class ExportConfig:
       "", "export_dir", "Base directory for SavedModel exports (TF Serving layout: "
       "<export_dir>/<version>; point TF Serving's --model_base_path here). et-train "
       "with --eval_data publishes here only a model that beats those published before "
-      "(--best_metric), and every evaluated checkpoint to <model_dir>/export/latest.")
+      "(--best_metric); see --export_latest.")
   exports_to_keep: int = setting(
       5, "exports_to_keep", "Newest export versions to keep under --export_dir.")
   serving_inputs: Tuple[str, ...] = setting(
@@ -270,6 +284,11 @@ class ExportConfig:
       0, "serving_warmup", "Write this many --eval_data records as TF Serving warmup "
       "requests (assets.extra/tf_serving_warmup_requests); 0: none. Needs "
       "tensorflow-serving-api.")
+  # Off by default: each one is a full SavedModel write per evaluation.
+  export_latest: bool = setting(
+      False, "export_latest", "et-train with --export_dir and --eval_data: also export "
+      "every evaluated checkpoint (while training and the final one) to "
+      "<model_dir>/export/latest.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +300,13 @@ class ContinualConfig:
       "", "warm_start_from", "Start a new run from this checkpoint, model_dir or "
       "exported SavedModel: backbone, head, BatchNorm statistics and EMA (variables "
       "whose shape changed are skipped and logged). Ignored on resume.")
+  # Source name OLD_PREFIX... is read as NEW_PREFIX... (training/warm_start.py).
+  warm_start_map: str = setting(
+      "", "warm_start_map", "With --warm_start_from a checkpoint whose variable names "
+      "differ (another framework's or codebase's run): OLD_PREFIX=NEW_PREFIX,... reads "
+      "each source variable named OLD_PREFIX<rest> as NEW_PREFIX<rest> (first matching "
+      "pair wins; either side may be empty), e.g. resnet/block1/=conv1/; warm_start.json "
+      "and the log list what matched, what was skipped and why.")
   # False: the data's classes only (rows of classes still present are copied).
   keep_old_classes: bool = setting(
       True, "keep_old_classes", "With --warm_start_from a model that knows its "
@@ -344,3 +370,32 @@ class ClusterConfig:
   wait_for_workers_secs: int = setting(
       0, "wait_for_workers_secs", "With TF_CONFIG: the chief holds its first step "
       "until every worker has joined, at most this long; 0: start at once.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainConfig:
+  """et-retrain only: rounds over a growing --train_data folder (not saved in config.json)."""
+  min_new_examples: int = setting(
+      64, "min_new_examples", "et-retrain: start a round once this many examples in "
+      "complete new shards are waiting.")
+  round_every_secs: float = setting(
+      0.0, "round_every_secs", "et-retrain: also start a round with fewer new examples "
+      "once this many seconds passed since the last round (or the start); 0: off.")
+  epochs_per_round: float = setting(
+      2.0, "epochs_per_round", "et-retrain: passes over the round's new examples; the "
+      "round's steps follow from it (replay examples come on top, --replay_ratio).")
+  max_regression: float = setting(
+      0.01, "max_regression", "et-retrain: publish the challenger unless its "
+      "--best_metric on the champion's classes is worse than the champion's by more "
+      "than this.")
+  settle_secs: float = setting(
+      5.0, "settle_secs", "et-retrain: a shard counts as complete once its size and "
+      "mtime stayed unchanged this long (and all its records read back, CRCs checked).")
+  poll_secs: float = setting(
+      1.0, "poll_secs", "et-retrain: seconds between looks at the data folder.")
+  max_rounds: int = setting(
+      0, "max_rounds", "et-retrain: exit 0 once model_dir holds this many finished "
+      "rounds; 0: run until stopped (SIGTERM).")
+  exit_when_idle_secs: float = setting(
+      0.0, "exit_when_idle_secs", "et-retrain: exit 0 after this many seconds without "
+      "new complete data or a round to finish; 0: never.")

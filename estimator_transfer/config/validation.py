@@ -102,6 +102,8 @@ def _validate_input(i) -> None:
   _require(i.on_bad_record in ("skip", "fail"),
            f"--on_bad_record={i.on_bad_record} is invalid; use skip or fail.")
   _require(i.shuffle_buffer >= 0, "--shuffle_buffer must not be negative.")
+  _require(i.label_offset >= 0, f"--label_offset={i.label_offset} must not be negative; "
+           "use 1 for slim build_image_data.py records, 0 for 0-based labels.")
   _validate_augmentation(i)
   _require(i.prefetch >= -1, f"--prefetch={i.prefetch} is invalid; give a number of "
            "batches, 0 for none or -1 for tf.data.AUTOTUNE.")
@@ -175,6 +177,13 @@ def _validate_cluster(c) -> None:
 
 
 def _validate_continual(c) -> None:
+  pairs = [p.strip() for p in c.warm_start_map.split(",") if p.strip()]
+  _require(not pairs or c.warm_start_from,
+           "--warm_start_map renames the variables of --warm_start_from; set "
+           "--warm_start_from too, or drop --warm_start_map.")
+  bad = [p for p in pairs if "=" not in p]
+  _require(not bad, f"--warm_start_map entry {bad[0] if bad else ''!r} is not "
+           "OLD_PREFIX=NEW_PREFIX; write e.g. --warm_start_map=resnet/block1/=conv1/.")
   _require(0.0 < c.replay_ratio < 1.0,
            f"--replay_ratio={c.replay_ratio} must be between 0 and 1 (exclusive): "
            "the expected share of replayed examples in each batch.")
@@ -217,6 +226,8 @@ def _validate_metric_mode(mode: str, early_stopping_metric: str, best_metric: st
 
 
 def _validate_feature_cache(i, f) -> None:
+  _require(i.cache_budget_mb >= 0, f"--cache_budget_mb={i.cache_budget_mb} must not be "
+           "negative (0: a quarter of this machine's memory).")
   copies = i.cache_features_with_augmentation
   _require(copies >= 0, f"--cache_features_with_augmentation={copies} must not be "
            "negative (0: cache un-augmented features only).")
@@ -224,11 +235,13 @@ def _validate_feature_cache(i, f) -> None:
     _require(not copies, "--cache_features_with_augmentation needs "
              "--cache_features=DIR, the directory of the feature cache.")
     return
-  # Cached features are only valid while no backbone weight moves.
-  _require(f.spec.strip() == "all" and not f.unfreeze_schedule,
-           f"--cache_features needs a frozen backbone, but --freeze={f.spec}"
-           f"{' with --unfreeze_schedule' if f.unfreeze_schedule else ''} trains part "
-           "of it; use --freeze=all without --unfreeze_schedule, or drop --cache_features.")
+  # Cached features are only valid while no weight below them moves: with a
+  # partial freeze the frozen lower part is cached (model/split.py refuses,
+  # knowing the backbone, a plan that leaves nothing frozen below a cut).
+  _require(f.spec.strip() != "none" or f.unfreeze_schedule,
+           "--cache_features needs a frozen backbone or a frozen lower part, but "
+           "--freeze=none trains all of it; use --freeze=all or e.g. --freeze=last:N, or "
+           "drop --cache_features.")
   _require(not i.mixup_alpha, "--mixup_alpha mixes images before the backbone, which "
            "--cache_features skips; drop one of the two.")
   if copies:

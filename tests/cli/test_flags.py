@@ -13,14 +13,15 @@ FLAGS = flags.FLAGS
 EXPECTED_FLAGS = {
     "allow_config_change", "backbone", "backbone_output_layer", "backbone_value_range",
     "backbone_weights", "batch_size", "best_metric", "best_metric_mode", "brightness",
-    "cache", "cache_dataset", "cache_features", "cache_features_with_augmentation",
+    "cache", "cache_budget_mb", "cache_dataset", "cache_features",
+    "cache_features_with_augmentation",
     "check_cluster", "checkpoint_path", "class_weights", "clip_norm", "contrast",
     "crop_min_area", "csv_label_column", "distribution", "dropout_rate",
     "early_stopping_metric", "ema_decay", "eval_batch_size", "eval_data",
-    "eval_every_steps", "eval_steps", "eval_throttle_secs", "export_dir",
+    "eval_every_steps", "eval_steps", "eval_throttle_secs", "export_dir", "export_latest",
     "export_features", "exports_to_keep", "freeze", "head", "head_hidden_units",
     "image_key", "image_size", "inter_op_threads", "intra_op_threads",
-    "keep_checkpoint_max", "keep_old_classes", "label_key", "label_map",
+    "keep_checkpoint_max", "keep_old_classes", "label_key", "label_map", "label_offset",
     "label_smoothing", "log_every_steps", "lr_boundaries", "lr_multipliers", "lr_values",
     "max_steps", "metric_mode", "min_delta", "mixed_precision", "mixup_alpha",
     "model_dir", "momentum", "multi_label", "nesterov", "num_classes", "num_outputs",
@@ -29,7 +30,7 @@ EXPECTED_FLAGS = {
     "replay_data", "replay_ratio", "rotation_degrees", "saturation",
     "save_checkpoints_steps", "seed", "serving_inputs", "serving_warmup",
     "shuffle_buffer", "summary_dir", "train_data", "train_size", "unfreeze_schedule",
-    "wait_for_workers_secs", "warm_start_from", "warmup_steps", "weight_decay", "xla",
+    "wait_for_workers_secs", "warm_start_from", "warm_start_map", "warmup_steps", "weight_decay", "xla",
 }
 
 
