@@ -48,6 +48,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -178,6 +179,14 @@ def _remove_quietly(path: str) -> None:
       os.remove(path)
   except Exception:  # pylint: disable=broad-except  # best effort: the write already failed
     pass
+
+
+def remove_tree(path: str) -> None:
+  """Removes a file or a directory tree (local paths); a missing path is fine."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    _remove_quietly(path)
 
 
 # (errno, the text TensorFlow's errors carry for it, the cause, the fix)

@@ -17,6 +17,7 @@ from bench_run import child_env, run_worker
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(SCRIPTS)
 EVAL_EVERY, DEMO_STEPS = 50, 300
+DEMO_SIZE = 16  # scripts/make_demo_data.py --image_size; the demo backbone's input
 
 
 def _as_window(results, steps):
@@ -42,7 +43,7 @@ def row_eval(ctx):
 
   def keras(evaluate):
     return lambda i: run_worker(dict(
-        kind="keras", backbone=demo["keras_h5"], size=32, freeze="none",
+        kind="keras", backbone=demo["keras_h5"], size=DEMO_SIZE, freeze="none",
         data=demo["train"], eval_data=demo["eval"] if evaluate else "", batch=BATCH,
         steps_per_epoch=EVAL_EVERY, epochs=DEMO_STEPS // EVAL_EVERY,
         checkpoint_every=EVAL_EVERY, model_dir=ctx.model_dir("keras_eval"),
@@ -71,7 +72,7 @@ def row_eval(ctx):
                  results["ours_eval"], results["keras_validation"], "eval_vs_plain")]
   return Table(COLUMNS, rows, data=results,
                notes="flags/demo.flags (demo backbone as a TF2 SavedModel, full "
-                     "fine-tuning, 50 training images, 846 eval images, 32 px), "
+                     "fine-tuning, 50 training images, 846 eval images, 16 px), "
                      "--export_dir= for both; Keras: the same backbone from its .h5, the "
                      "same piecewise learning rate, 6 epochs of 50 steps.")
 

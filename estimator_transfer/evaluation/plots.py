@@ -79,12 +79,20 @@ def _png(figure) -> bytes:
 
 
 def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
-  """The confusion matrix picture as PNG bytes (see `draw_confusion`)."""
+  """The confusion matrix picture as PNG bytes (see `draw_confusion`).
+
+  Drawn once per evaluation while training, so the margins are computed from
+  the longest class name instead of by a layout engine (half the time).
+  """
   pyplot = _pyplot()
   n = np.shape(matrix)[0]
-  side = min(12.0, max(4.0, 0.55 * n + 2.0))
-  figure, ax = pyplot.subplots(figsize=(side, side), layout="constrained")
-  draw_confusion(ax, matrix, class_names, title)
+  longest = max([len(str(c)[:20]) for c in class_names] or [len(str(n))])
+  margin = 0.55 + 0.075 * longest  # inches: tick labels (<= 20 characters) and axis label
+  side = min(12.0, max(4.0, 0.55 * n + 2.0)) + margin
+  figure = pyplot.figure(figsize=(side, side))
+  figure.subplots_adjust(left=margin / side, bottom=(margin + (0.1 if longest > 3 else 0))
+                         / side, right=1 - 0.15 / side, top=1 - 0.4 / side)
+  draw_confusion(figure.add_subplot(), matrix, class_names, title)
   return _png(figure)
 
 

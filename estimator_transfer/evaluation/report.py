@@ -15,6 +15,7 @@ from typing import Dict, Mapping, Sequence
 import numpy as np
 
 from estimator_transfer import files
+from estimator_transfer.evaluation import pictures
 from estimator_transfer.evaluation import plots
 
 REPORT_FILENAME = "eval_results.json"
@@ -99,7 +100,8 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
   Args:
     report: a `full_report` / `classification_report` dict; the PNG is drawn
       only when it has a confusion matrix and matplotlib is installed (the
-      `plots` extra).
+      `plots` extra); inside `pictures.in_background()` it is written by the
+      picture thread, after this returns.
     out_dir: the directory (created when missing).
 
   Returns:
@@ -110,7 +112,9 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
   paths = {"json": json_path}
   if report.get("confusion_matrix") and plots.available():
     png_path = os.path.join(out_dir, CONFUSION_PNG)
-    files.write_atomically(png_path, report_png(report))
+    # Drawn in the background while training (`pictures.in_background`).
+    pictures.then(pictures.confusion_png(report),
+                  lambda png: files.write_atomically(png_path, png), png_path)
     paths["png"] = png_path
   return paths
 

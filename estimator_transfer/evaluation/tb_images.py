@@ -22,6 +22,7 @@ from typing import Dict, Optional
 
 import tensorflow as tf
 
+from estimator_transfer.evaluation import pictures
 from estimator_transfer.evaluation import plots
 from estimator_transfer.evaluation import report as report_lib
 
@@ -46,7 +47,11 @@ class ConfusionMatrixImages:
     if report is None or not report.get("confusion_matrix"):
       return
     step = int(report.get("global_step", metrics.get("global_step", 0)))
-    png = report_lib.report_png(report)
+    # The picture the report's PNG is (being) drawn from, drawn once.
+    pictures.then(pictures.confusion_png(report), lambda png: self._add(png, step),
+                  f"the confusion-matrix image of step {step}")
+
+  def _add(self, png: bytes, step: int) -> None:
     width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR chunk
     image = tf.compat.v1.Summary.Image(height=height, width=width, colorspace=4,
                                        encoded_image_string=png)

@@ -6,12 +6,20 @@ saved module cannot take) fails while the model_fn builds its graph. The
 training loop calls `check_training_graph` after the data checks and before
 its first write, so such a setting is refused with model_dir untouched
 (config.json and flags.txt are never rewritten with a value that fails).
+
+A new local run (its model_dir missing or empty) has nothing to protect and
+skips the scratch build (a quarter of a small model's start-up): the real
+build makes the same checks, and when it refuses a setting the loop removes
+what the run wrote (`undo_new_run`), leaving the model_dir as empty as it was.
 """
 import logging
-from typing import Optional
+import os
+from typing import Dict, Optional
 
 import tensorflow as tf
 
+from estimator_transfer import config as config_lib
+from estimator_transfer import files
 from estimator_transfer import specs
 from estimator_transfer.model import model_fn as model_fn_lib
 from estimator_transfer.training import checkpoints
@@ -62,3 +70,43 @@ def check_training_graph(experiment, input_fn, resume: Optional[str] = None) -> 
         checkpoints.check_graph_fits(resume, cfg.run.model_dir)
   finally:
     log.setLevel(level)
+
+
+def is_new_local_run(model_dir: str, local_without_checkpoint: bool) -> bool:
+  """A local run into a missing or empty local model_dir (its lock file aside)."""
+  if not local_without_checkpoint or files.is_remote(model_dir):
+    return False
+  if not os.path.isdir(model_dir):
+    return True
+  return not [n for n in os.listdir(model_dir) if n != files.LOCK_NAME]
+
+
+def undo_new_run(model_dir: str, lock: Optional[files.ModelDirLock]) -> None:
+  """Removes what a refused new run wrote, unless it saved a checkpoint.
+
+  The lock file is the lock's own to remove.
+  """
+  if not os.path.isdir(model_dir) or tf.train.latest_checkpoint(model_dir):
+    return
+  keep = {files.LOCK_NAME} if lock is not None and lock.held else set()
+  for name in os.listdir(model_dir):
+    if name not in keep:
+      files.remove_tree(os.path.join(model_dir, name))
+
+
+def may_change_model_dir(cfg, resume: Optional[str],
+                         extra_files: Optional[Dict[str, str]]) -> bool:
+  """False when the chief's first writes would rewrite model_dir's records unchanged.
+
+  The scratch build guards those writes; a resume (`resume`: the chief's
+  readable checkpoint) with the same config and flags (re-running a
+  preempted command) changes nothing there, so it skips the scratch build
+  and the real graph build makes the same checks. Workers write nothing but
+  check before joining (they pass no `resume`).
+  """
+  if not resume:
+    return True
+  model_dir = cfg.run.model_dir
+  records = {config_lib.CONFIG_FILENAME: cfg.to_json(), **(extra_files or {})}
+  return any(files.read_text(os.path.join(model_dir, name)) != text
+             for name, text in records.items())

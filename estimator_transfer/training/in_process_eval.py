@@ -25,6 +25,7 @@ need a checkpoint of the evaluated step: the best copy, the best export),
 whose `EvaluationListener` evaluates right after that save, while the
 session's weights are the checkpoint's.
 """
+import functools
 import logging
 import os
 from typing import Callable, Dict, Optional
@@ -36,6 +37,7 @@ import tensorflow as tf
 # InMemoryEvaluatorHook does.
 from tensorflow_estimator.python.estimator import estimator as estimator_lib
 
+from estimator_transfer.training import eval_batches
 from estimator_transfer.training import evaluator as evaluator_lib
 
 log = logging.getLogger("estimator_transfer")
@@ -68,6 +70,27 @@ def _restore_map(scaffold) -> Optional[Dict[str, tf.Variable]]:
   return mapping
 
 
+def _without_autotune(input_fn):
+  """The eval input_fn, its pipeline without tf.data's autotuning thread.
+
+  The evaluator's iterator lives as long as the run and is idle between
+  evaluations (idle for good once the batches are kept): autotuning sleeps
+  ever longer there, and closing the session waits for it to wake (seconds).
+  Parallel maps then run on as many threads as there are cores.
+  """
+
+  @functools.wraps(input_fn)  # Estimator passes what the input_fn's arguments name
+  def wrapped(*args, **kwargs):
+    dataset = input_fn(*args, **kwargs)
+    if not isinstance(dataset, tf.data.Dataset):
+      return dataset
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+  return wrapped
+
+
 class InProcessEvaluator:
   """Evaluates --eval_data with one graph and session kept for the whole run.
 
@@ -87,7 +110,8 @@ class InProcessEvaluator:
     """
     self._experiment = experiment
     self._preemption = preemption
-    self._input_fn = experiment.input_fn(experiment.config.input.eval_data, training=False)
+    self._input_fn = _without_autotune(
+        experiment.input_fn(experiment.config.input.eval_data, training=False))
     self._session = None
 
   def _build(self) -> None:
@@ -115,6 +139,8 @@ class InProcessEvaluator:
         local_init.append(scaffold.local_init_op)
       self._local_init = tf.group(local_init)
       tables = tf.compat.v1.tables_initializer()
+      cfg = self._experiment.config
+      self._batches = eval_batches.EvalBatches(graph, cfg.input, cfg.input.eval_data)
       graph.finalize()
     self._graph = graph
     self._update_op, self._eval_dict, self._hooks = update_op, eval_dict, hooks
@@ -175,18 +201,14 @@ class InProcessEvaluator:
     """One pass over the eval data with the weights now in the eval session."""
     session = self._session
     session.run(self._local_init)  # metric accumulators, eval step, bad-record count
-    for hook in self._hooks:
-      hook.after_create_session(session, None)
     limit = self._experiment.config.run.eval_steps or None
-    done = 0
-    while limit is None or done < limit:
-      if self._preemption is not None and self._preemption.requested:
-        return None
-      try:
-        session.run(self._update_op)
-      except tf.errors.OutOfRangeError:
-        break
-      done += 1
+    if self._batches.ready:  # the decoded batches of the first pass, fed
+      for feed in self._batches.feeds(session, limit):
+        if self._preemption is not None and self._preemption.requested:
+          return None
+        session.run(self._update_op, feed_dict=feed)
+    elif not self._read_pass(session, limit):
+      return None
     result = session.run(self._eval_dict)
     global_step = int(result[tf.compat.v1.GraphKeys.GLOBAL_STEP])
     # pylint: disable=protected-access
@@ -196,6 +218,29 @@ class InProcessEvaluator:
                                                        global_step)
     # pylint: enable=protected-access
     return evaluator_lib.finish_evaluation(self._experiment.config, result, step, checkpoint)
+
+
+  def _read_pass(self, session, limit: Optional[int]) -> bool:
+    """A pass reading --eval_data (keeping its batches when they fit); False: preempted."""
+    for hook in self._hooks:  # (re)initialise the eval iterator
+      hook.after_create_session(session, None)
+    fetches = self._batches.fetches()
+    kept = self._batches.start_pass()
+    done = 0
+    while limit is None or done < limit:
+      if self._preemption is not None and self._preemption.requested:
+        return False
+      try:
+        if fetches is None:
+          session.run(self._update_op)
+        else:
+          _, values = session.run([self._update_op, fetches])
+          kept = self._batches.add(kept, values)
+      except tf.errors.OutOfRangeError:
+        break
+      done += 1
+    self._batches.finish_pass(kept, session, complete=True)
+    return True
 
 
 class EvaluationListener(tf.compat.v1.train.CheckpointSaverListener):

@@ -45,6 +45,7 @@ from estimator_transfer import files
 from estimator_transfer.cluster import roles
 from estimator_transfer.cluster import tf_config as cluster
 from estimator_transfer.errors import ConfigError
+from estimator_transfer.evaluation import pictures
 from estimator_transfer.model import model_fn as model_fn_lib
 from estimator_transfer.training import checkpoints
 from estimator_transfer.training import dry_build
@@ -161,24 +162,38 @@ class TrainingLoop:
     # freeze plan resolved on the backbone): a rejected setting never reaches
     # model_dir. Then the lock, then the first write.
     resume, source = self._check_resume(on_corrupt_checkpoint, allow_config_change)
-    if self.task.trains and self._may_change_model_dir(resume, extra_files):
+    # A new local run has nothing to protect: its real graph build checks.
+    fresh = dry_build.is_new_local_run(self.config.run.model_dir, self.task.is_local and
+                                       not resume and self._strategy is None)
+    if self.task.trains and not fresh and dry_build.may_change_model_dir(
+        self.config, self.task.is_chief and resume is not _FALL_BACK and resume, extra_files):
       dry_build.check_training_graph(
           self.experiment, train_input_fn,
           resume if resume is not _FALL_BACK and self._strategy is None else None)
     if lock is not None and self.task.is_chief:
       lock.acquire()
-    self._prepare(resume, on_corrupt_checkpoint, allow_config_change, source, extra_files)
+    try:
+      self._prepare(resume, on_corrupt_checkpoint, allow_config_change, source, extra_files)
+      signal_name = self._train(train_input_fn, source)
+    except ConfigError:
+      if fresh:  # refused by the graph build: what the run wrote goes
+        dry_build.undo_new_run(self.config.run.model_dir, lock)
+      raise
+    self._finish()
+    if self.outcome.preempted:
+      log.warning("stopped by %s at step %d with a checkpoint saved; re-run the same "
+                  "command to resume", signal_name, self.outcome.step)
+    return self.outcome
+
+  def _train(self, train_input_fn, source) -> Optional[str]:
+    """Trains (evaluating while training where asked); the stopping signal's name."""
     with hooks_lib.PreemptionHandler() as preemption:
       if self._evaluates_while_training():
         self._train_evaluate(train_input_fn, preemption, source)
       else:
         self._train_segment(train_input_fn, self.config.run.max_steps, preemption, source)
       self.outcome.preempted = preemption.requested
-    self._finish()
-    if self.outcome.preempted:
-      log.warning("stopped by %s at step %d with a checkpoint saved; re-run the same "
-                  "command to resume", preemption.signal_name, self.outcome.step)
-    return self.outcome
+    return preemption.signal_name
 
   # --- set-up ---------------------------------------------------------------
 
@@ -218,21 +233,6 @@ class TrainingLoop:
     if cfg.continual.warm_start_from:
       return None, warm_start.resolve_source(cfg.continual.warm_start_from)
     return None, None
-
-  def _may_change_model_dir(self, resume, extra_files: Optional[Dict[str, str]]) -> bool:
-    """False when `_prepare` would rewrite model_dir's records with what they hold.
-
-    The dry build guards those writes; a resume with the same config and
-    flags (re-running a preempted command) changes nothing there, so it
-    skips the scratch build (seconds of start-up) and the real graph build
-    makes the same checks. Workers write nothing but check before joining.
-    """
-    if not self.task.is_chief or not resume or resume is _FALL_BACK:
-      return True
-    model_dir = self.config.run.model_dir
-    records = {config_lib.CONFIG_FILENAME: self.config.to_json(), **(extra_files or {})}
-    return any(files.read_text(os.path.join(model_dir, name)) != text
-               for name, text in records.items())
 
   def _prepare(self, resume, on_corrupt: str, allow_config_change: bool, source,
                extra_files: Optional[Dict[str, str]]) -> None:
@@ -337,6 +337,16 @@ class TrainingLoop:
     model_dir, max_steps = cfg.run.model_dir, cfg.run.max_steps
     evaluator = in_process_eval.InProcessEvaluator(self.experiment, preemption)
     state = early_stopping.LoopState.load(model_dir)
+    # The confusion-matrix pictures are drawn while training goes on.
+    with pictures.in_background():
+      self._train_evaluate_loop(state, evaluator, train_input_fn, preemption, source)
+    if state.best_checkpoint:
+      self.outcome.best = {"step": state.best_step, "value": state.best_value,
+                           "metric": state.metric, "checkpoint": state.best_path(model_dir)}
+
+  def _train_evaluate_loop(self, state, evaluator, train_input_fn, preemption,
+                           source) -> None:
+    model_dir, max_steps = self.config.run.model_dir, self.config.run.max_steps
     try:
       while not preemption.requested:
         if state.stopped:
@@ -358,9 +368,6 @@ class TrainingLoop:
         self._train_to(step, state, train_input_fn, preemption, source, evaluator)
     finally:
       evaluator.close()
-    if state.best_checkpoint:
-      self.outcome.best = {"step": state.best_step, "value": state.best_value,
-                           "metric": state.metric, "checkpoint": state.best_path(model_dir)}
 
   def _is_evaluation_step(self, step: int) -> bool:
     g, r = self.config.guards, self.config.run

@@ -74,6 +74,25 @@ def test_rejected_freeze_never_reaches_model_dir(model_dir, tmp_path, spec, word
   assert "trained to step 4" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_rejected_freeze_of_a_new_run_leaves_model_dir_empty(tiny_data, tiny_backbone,
+                                                             tmp_path, existing):
+  # A new run skips the scratch build: the real graph build refuses the
+  # setting, and what the run had written is removed again (an existing empty
+  # directory stays, empty).
+  model_dir = str(tmp_path / "model")
+  if existing:
+    os.makedirs(model_dir)
+  done = _et("et-train", *_train_args(tiny_data, tiny_backbone, model_dir),
+             "--freeze=until:no_such_layer")
+  assert_user_error(done, "--freeze=until:no_such_layer", "names no layer")
+  assert fault_tools.tree_files(model_dir) == {}
+  # The corrected command then trains there from scratch.
+  done = _et("et-train", *_train_args(tiny_data, tiny_backbone, model_dir))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "trained to step 2" in done.stdout, done.stdout
+
+
 @pytest.mark.parametrize("data,words", [
     ("/nonexistent/x*", ("--train_data=/nonexistent/x* matches no file", "check the path")),
     ("{jpeg}", ("is a JPEG image, not a TFRecord file",)),

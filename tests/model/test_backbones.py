@@ -175,6 +175,22 @@ def test_hub_format_is_detected_from_the_module(tiny_backbone, tf1_module):
   assert [g for g, _ in tf1.hub_groups] == ["conv1", "bn1", "conv2", "bn2"]
 
 
+def test_tf2_module_input_size_is_read_from_the_proto_as_loading_finds_it(
+    tiny_backbone, tmp_path):
+  # saved_model.pb's object graph gives what loading the module gives, for a
+  # static size and for a module that takes any size.
+  assert hub_backbone._declared_tf2_size(tiny_backbone["saved_model"]) == (  # pylint: disable=protected-access
+      hub_backbone._loaded_tf2_size(tiny_backbone["saved_model"])) == (IMAGE_SIZE, True)  # pylint: disable=protected-access
+  module = tf.Module()
+  module.scale = tf.Variable(2.0)
+  module.__call__ = tf.function(lambda x: tf.reduce_mean(x, [1, 2]) * module.scale,
+                                input_signature=[tf.TensorSpec([None, None, None, 3])])
+  path = str(tmp_path / "any_size")
+  tf.saved_model.save(module, path)
+  assert hub_backbone._declared_tf2_size(path) == (  # pylint: disable=protected-access
+      hub_backbone._loaded_tf2_size(path)) == (None, False)  # pylint: disable=protected-access
+
+
 def test_tf2_module_regularization_losses_count_only_when_trainable(regularized_saved_model):
   resolved = backbones.resolve(config_lib.BackboneConfig(
       handle=regularized_saved_model["path"]))

@@ -118,3 +118,66 @@ def test_early_stop_ends_the_one_train_call_and_latest_export_only_when_asked(ma
   assert len(tf.io.gfile.listdir(latest_dir)) == 3  # steps 2, 4, 6
   asked.export_final(asked.outcome.last_eval)
   assert len(tf.io.gfile.listdir(latest_dir)) == 3  # step 6 is there already
+
+
+@pytest.mark.parametrize("cache, keeps", [("auto", True), ("off", False), ("tiny", False)])
+def test_evaluation_batches_are_decoded_once_and_give_the_same_metrics(
+    make_config, monkeypatch, cache, keeps):
+  # --cache=auto keeps the decoded eval batches after the first pass; off, or
+  # over the memory budget, every evaluation reads the files again.
+  if cache == "tiny":
+    from estimator_transfer.data import memory_cache  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(memory_cache, "budget_bytes", lambda config: 1000)
+  cfg = make_config(run__max_steps=4, run__save_checkpoints_steps=4,
+                    input__cache="auto" if cache == "tiny" else cache,
+                    export__export_dir="")
+  experiment = runner.Experiment(cfg)
+  assert experiment.train() == 4
+  path = os.path.join(cfg.run.model_dir, "model.ckpt-4")
+  expected = evaluator_lib.CheckpointEvaluator(experiment)(4, path)
+  kept = in_process_eval.InProcessEvaluator(experiment)
+  try:
+    results = [kept.evaluate_checkpoint(4, path) for _ in range(3)]
+    assert kept._batches.ready == keeps  # pylint: disable=protected-access
+    if keeps:
+      # A fed pass never touches the input pipeline: its iterator stays at the end.
+      with pytest.raises(tf.errors.OutOfRangeError):
+        kept._session.run(kept._batches._outputs)  # pylint: disable=protected-access
+  finally:
+    kept.close()
+  for result in results:
+    for key in ("accuracy", "loss", "bad_records"):
+      np.testing.assert_allclose(result[key], expected[key], rtol=1e-6, err_msg=key)
+
+
+def test_fed_evaluations_keep_the_bad_record_count(make_config, tmp_path):
+  # One undecodable image in --eval_data (--on_bad_record=skip): every
+  # evaluation counts it, the fed ones as the reading one.
+  cfg = make_config(run__max_steps=2, run__save_checkpoints_steps=2, export__export_dir="")
+  records = []
+  for name in sorted(os.listdir(cfg.input.eval_data)):
+    if name != "labels.txt":
+      records += list(tf.compat.v1.io.tf_record_iterator(
+          os.path.join(cfg.input.eval_data, name)))
+  broken = tf.train.Example.FromString(records[1])
+  broken.features.feature["image/encoded"].bytes_list.value[0] = b"not an image"
+  records[1] = broken.SerializeToString()
+  eval_dir = tmp_path / "eval_with_bad"
+  eval_dir.mkdir()
+  with tf.io.TFRecordWriter(str(eval_dir / "e-00000-of-00001.tfrecord")) as writer:
+    for record in records:
+      writer.write(record)
+  tf.io.gfile.copy(os.path.join(cfg.input.eval_data, "labels.txt"),
+                   str(eval_dir / "labels.txt"))
+  cfg = cfg.replace(input__eval_data=str(eval_dir), input__on_bad_record="skip")
+  experiment = runner.Experiment(cfg)
+  assert experiment.train() == 2
+  kept = in_process_eval.InProcessEvaluator(experiment)
+  try:
+    path = os.path.join(cfg.run.model_dir, "model.ckpt-2")
+    results = [kept.evaluate_checkpoint(2, path) for _ in range(3)]
+    assert kept._batches.ready  # pylint: disable=protected-access
+  finally:
+    kept.close()
+  assert [r["bad_records"] for r in results] == [1.0, 1.0, 1.0]
+  assert results[1]["accuracy"] == results[0]["accuracy"]
