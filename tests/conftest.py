@@ -9,6 +9,10 @@ import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# `make test` runs two workers on two cores, and each starts TensorFlow
+# processes of its own: one intra-op thread each (set for every child process
+# too) instead of several per process competing for the same two cores.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

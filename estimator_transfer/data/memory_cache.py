@@ -12,8 +12,10 @@ anything is read in full:
   divided by the mean size of the first file's first records;
 * bytes: examples x size x size x 3 x 4 (float32 pixels, as decoded).
 
-Not cached by `auto`: evaluation data (each evaluation reads it once), CSV
-data (cheap to parse), a single-epoch pipeline, and a set over the budget.
+Not cached by `auto` in the pipeline: evaluation data (each evaluation reads
+it once; evaluations while training keep their decoded batches instead, under
+the same budget: `training.eval_batches`), CSV data (cheap to parse), a
+single-epoch pipeline, and a set over the budget.
 `--cache=memory` caches regardless, `--cache=PATH` into files, `--cache=off`
 never.
 """
