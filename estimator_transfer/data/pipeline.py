@@ -214,6 +214,12 @@ class _Pipeline:
     # the cores the training step needs (the tf.data performance guide's
     # advice; measured by scripts/benchmark.py --only=input).
     options.threading.max_intra_op_parallelism = 1
+    if self.cache == memory_cache.MEMORY:
+      # From the second epoch on the examples come from memory: nothing left to
+      # tune, and tf.data's autotuning thread, asleep ever longer, would hold
+      # up the end of training (closing the session waits for it to wake:
+      # up to 5 s measured). Parallel maps run on as many threads as cores.
+      options.autotune.enabled = False
     ds = ds.with_options(options)
     return prefetch(ds, self.config.prefetch)
 

@@ -6,6 +6,9 @@ model gets are exactly the pixels it was trained on.
 import tensorflow as tf
 
 
+# Straight-line TensorFlow: autograph (which tf.data and Keras apply to what
+# they trace) has nothing to convert here, only parsing to pay for.
+@tf.autograph.experimental.do_not_convert
 def decode_and_resize(image_bytes, image_size: int):
   """Decodes JPEG/PNG/GIF/BMP bytes into float32 RGB [size, size, 3] in [0, 1].
 

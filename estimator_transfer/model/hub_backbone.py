@@ -53,6 +53,10 @@ class HubTF2Backbone(backbone_types.ResolvedBackbone):
   def _build(self, x, stages, stage_index, training, policy):
     hub = _hub()
     layer = hub.KerasLayer(self.hub_path, trainable=True)
+    # Keras would autograph-convert the layer's call in every graph (a quarter
+    # of a second each); it has no tensor-dependent Python control flow (its
+    # training switch is smart_cond).
+    layer.call = tf.autograph.experimental.do_not_convert(layer.call)
     trainable_ids = {id(v) for v in layer.trainable_weights}
     groups = _group_variables(layer.weights)
     for g in groups:
