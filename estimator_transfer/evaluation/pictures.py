@@ -70,10 +70,14 @@ def confusion_png(report: Mapping) -> concurrent.futures.Future:
   return future
 
 
+def report_title(report: Mapping) -> str:
+  """The picture's title: accuracy and global step of the report, when known."""
+  return plots.confusion_title(report.get("accuracy"), report.get("global_step"))
+
+
 def _draw(report: Mapping) -> bytes:
-  # The report module's title; imported here to keep report -> pictures one-way.
-  title = plots.confusion_title(report.get("accuracy"), report.get("global_step"))
-  return plots.confusion_png(report["confusion_matrix"], report["class_names"], title)
+  return plots.confusion_png(report["confusion_matrix"], report["class_names"],
+                             report_title(report))
 
 
 def then(png: concurrent.futures.Future, use: Callable[[bytes], None], what: str) -> None:

@@ -117,14 +117,3 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
                   lambda png: files.write_atomically(png_path, png), png_path)
     paths["png"] = png_path
   return paths
-
-
-def report_title(report: Mapping) -> str:
-  """The picture's title: accuracy and global step of the report, when known."""
-  return plots.confusion_title(report.get("accuracy"), report.get("global_step"))
-
-
-def report_png(report: Mapping) -> bytes:
-  """The report's confusion matrix as PNG bytes (needs matplotlib: `plots.available()`)."""
-  return plots.confusion_png(np.asarray(report["confusion_matrix"]), report["class_names"],
-                             report_title(report))

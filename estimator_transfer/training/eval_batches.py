@@ -56,6 +56,7 @@ class EvalBatches:
     self._batches: Optional[List[Sequence[np.ndarray]]] = None
     self._bad_records = 0
     self._gave_up = False
+    self._pass_bytes = 0
     counter = bad_records.get_counter()
     self._set_counter = self._counter_value = self._read_counter = None
     if counter is not None:
@@ -78,14 +79,17 @@ class EvalBatches:
 
   def start_pass(self) -> List:
     """Begins a reading pass: returns the list its fetched batches go into."""
+    self._pass_bytes = 0
     return [] if self.keeps and not self.ready else None
 
   def add(self, kept: Optional[List], values) -> Optional[List]:
     """Adds one fetched batch; drops the pass (returns None) once over the budget."""
     if kept is None or values is None:
       return kept
-    kept.append(tuple(np.asarray(v) for v in values))
-    if sum(a.nbytes for batch in kept for a in batch) > self._budget:
+    batch = tuple(np.asarray(v) for v in values)
+    kept.append(batch)
+    self._pass_bytes += sum(a.nbytes for a in batch)
+    if self._pass_bytes > self._budget:
       self._gave_up = True
       log.info("evaluation batches of %s exceed the memory budget (--cache_budget_mb): "
                "every evaluation reads them again", self._eval_data)
@@ -97,9 +101,8 @@ class EvalBatches:
     if kept is None or not complete:
       return
     self._batches = kept
-    nbytes = sum(a.nbytes for batch in kept for a in batch)
     log.info("evaluation batches kept in memory (%d batches, %.1f MB): later evaluations "
-             "decode nothing", len(kept), nbytes / (1 << 20))
+             "decode nothing", len(kept), self._pass_bytes / (1 << 20))
     if self._read_counter is not None:
       self._bad_records = int(session.run(self._read_counter))
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from estimator_transfer.evaluation import pictures
 from estimator_transfer.evaluation import report as evaluation
 from estimator_transfer.evaluation import tb_images
 from estimator_transfer.model import metrics
@@ -51,7 +52,7 @@ def test_write_report_json_and_png(tmp_path):
   assert png.ndim == 3 and png.shape[0] > 300 and png.shape[1] > 300  # matplotlib figure
   # Row shares coloured in blues: the cells are blue-dominant, darker on the diagonal.
   assert (png[..., 2].astype(int) > png[..., 0].astype(int) + 80).any()
-  assert evaluation.report_title(report) == "confusion matrix: accuracy 0.800 at step 300"
+  assert pictures.report_title(report) == "confusion matrix: accuracy 0.800 at step 300"
   assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
   assert sorted(os.listdir(tmp_path)) == ["confusion_matrix.png", "eval_results.json"]
 
