@@ -177,6 +177,8 @@ def _train_spec(config, setup, loss, backbone, head):
     loss = tf.add(loss, decay, name="total_loss")
   train_op, init_fn = _train_op(config, loss, backbone, head, setup.lr_boundaries())
   scaffold = tf.compat.v1.train.Scaffold(init_fn=init_fn) if init_fn else None
+  # The checkpoint NaN/Inf check looks only at what this op can write.
+  tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.TRAIN_OP, train_op)
   # The training loop adds the progress log and the NaN/Inf guard around it.
   return tf.estimator.EstimatorSpec(ModeKeys.TRAIN, loss=loss, train_op=train_op,
                                     scaffold=scaffold)

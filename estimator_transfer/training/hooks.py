@@ -129,6 +129,34 @@ class NonFiniteLossHook(tf.compat.v1.train.SessionRunHook):
           " (lower --lr_values or set --clip_norm, then re-run to resume from it).")
 
 
+_WRITE_OPS = ("Assign", "AssignAdd", "AssignSub", "AssignVariableOp", "AssignAddVariableOp",
+               "AssignSubVariableOp")
+_WRITE_PREFIXES = ("Apply", "SparseApply", "ResourceApply", "ResourceSparseApply",
+                   "ResourceScatter", "Scatter")
+_VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
+
+
+def written_variable_ops(train_ops) -> set:
+  """Names of the variable ops that running `train_ops` writes (empty: unknown).
+
+  Walks back from the train ops through data and control inputs: optimizer
+  updates of weights and slots, BatchNorm moving statistics, EMA averages and
+  the global step. Initializers and restore ops are not upstream of it.
+  """
+  seen, stack, written = set(), [t if isinstance(t, tf.Operation) else t.op
+                                 for t in train_ops], set()
+  while stack:
+    op = stack.pop()
+    if op.name in seen:
+      continue
+    seen.add(op.name)
+    if op.type in _WRITE_OPS or op.type.startswith(_WRITE_PREFIXES):
+      written.update(t.op.name for t in op.inputs if t.op.type in _VARIABLE_OPS)
+    stack.extend(t.op for t in op.inputs)
+    stack.extend(op.control_inputs)
+  return written
+
+
 class FiniteCheckpointListener(tf.compat.v1.train.CheckpointSaverListener):
   """Refuses to write a checkpoint whose variables hold a NaN or Inf.
 
@@ -142,6 +170,9 @@ class FiniteCheckpointListener(tf.compat.v1.train.CheckpointSaverListener):
 
   def begin(self):
     variables = [v for v in tf.compat.v1.global_variables() if v.dtype.base_dtype.is_floating]
+    written = written_variable_ops(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.TRAIN_OP))
+    if written:  # only what training can change: frozen weights are checked by nobody
+      variables = [v for v in variables if v.op.name in written]
     self._names = [v.op.name for v in variables]
     with tf.name_scope("finite_check"):
       self._finite = tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in variables]) \

@@ -212,3 +212,33 @@ def test_record_evaluation_decisions():
     early_stopping.record_evaluation(early_stopping.LoopState(), 1, {"accuracy": 1.0},
                                 GuardConfig(early_stopping_metric="auc"))
   assert specs.metric_mode("loss") == "min" and specs.metric_mode("accuracy") == "max"
+
+
+def test_finite_check_covers_what_training_writes_and_skips_frozen_weights():
+  # Built like model_fn: a frozen weight, a trained one with Adam slots, a
+  # moving statistic updated through a control dependency, the global step.
+  with tf.Graph().as_default():
+    step = tf.compat.v1.train.get_or_create_global_step()
+    frozen = tf.Variable(1.0, name="frozen", trainable=False)
+    trained = tf.Variable(2.0, name="trained")
+    moving = tf.Variable(0.0, name="moving_mean", trainable=False)
+    loss = tf.square(trained * frozen)
+    update = moving.assign(0.9 * moving + 0.1 * loss)
+    with tf.control_dependencies([update]):
+      train_op = tf.compat.v1.train.AdamOptimizer(0.1).minimize(loss, global_step=step)
+    tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.TRAIN_OP, train_op)
+    written = hooks.written_variable_ops([train_op])
+    assert {"trained", "moving_mean", "global_step", "trained/Adam", "trained/Adam_1"} <= written
+    assert "frozen" not in written
+    listener = hooks.FiniteCheckpointListener("unused")
+    listener.begin()
+    assert "frozen" not in listener._names and "trained" in listener._names
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      listener.before_save(session, 0)
+      session.run(frozen.assign(float("nan")))
+      listener.before_save(session, 0)  # frozen weights are never changed by training
+      session.run(trained.assign(float("inf")))
+      with pytest.raises(hooks.DivergedError, match="variable trained holds NaN or Inf"):
+        listener.before_save(session, 1)
+  assert hooks.written_variable_ops([]) == set()
