@@ -162,7 +162,9 @@ class FiniteCheckpointListener(tf.compat.v1.train.CheckpointSaverListener):
 
   The Estimator's CheckpointSaverHook runs before any user hook in a step, so
   a step whose update made the weights non-finite would otherwise be saved
-  before the loss of the next step shows it.
+  before the loss of the next step shows it. Checked are the variables the
+  train op writes (`written_variable_ops`), or every floating variable when
+  the graph has no `GraphKeys.TRAIN_OP`.
   """
 
   def __init__(self, model_dir: str):
@@ -171,7 +173,7 @@ class FiniteCheckpointListener(tf.compat.v1.train.CheckpointSaverListener):
   def begin(self):
     variables = [v for v in tf.compat.v1.global_variables() if v.dtype.base_dtype.is_floating]
     written = written_variable_ops(tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.TRAIN_OP))
-    if written:  # only what training can change: frozen weights are checked by nobody
+    if written:  # training never changes a frozen weight, so only these can go bad
       variables = [v for v in variables if v.op.name in written]
     self._names = [v.op.name for v in variables]
     with tf.name_scope("finite_check"):
