@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from estimator_transfer import config as config_lib
+from estimator_transfer.cli import common as cli_common
 from estimator_transfer.cli import train as train_cli
 from estimator_transfer.config import InputConfig
 from estimator_transfer.data import labels as labels_lib
@@ -104,18 +105,25 @@ def _install_probe(clock):
 
 
 def worker_cli(spec):
-  """et-train with spec['argv'], as a user runs it, timed by the probe."""
+  """et-train with spec['argv'], as a user runs it, timed by the probe.
+
+  et-train ends its own process (`common.end_process`): the result line is
+  printed on the way there, and the process then exits as et-train's does.
+  """
   clock = StepClock(spec)
   _install_probe(clock)
   sys.argv = ["et-train"] + list(spec["argv"])
-  code = 0
-  try:
-    train_cli.run()
-  except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-  out = clock.result()
-  out.update(exit_code=code, total_s=time.time() - spec["t_launch"])
-  return out
+  end_process = cli_common.end_process
+
+  def report_then_end(code):
+    out = clock.result()
+    out.update(exit_code=code, total_s=time.time() - spec["t_launch"])
+    print(RESULT_PREFIX + json.dumps(out), flush=True)
+    end_process(code)
+
+  cli_common.end_process = report_then_end
+  train_cli.run()
+  raise RuntimeError("et-train returned instead of ending its process")
 
 
 def memory_batch(spec):

@@ -25,9 +25,12 @@ need a checkpoint of the evaluated step: the best copy, the best export),
 whose `EvaluationListener` evaluates right after that save, while the
 session's weights are the checkpoint's.
 """
+import contextlib
 import functools
 import logging
 import os
+import sys
+import threading
 from typing import Callable, Dict, Optional
 
 import tensorflow as tf
@@ -91,6 +94,21 @@ def _without_autotune(input_fn):
   return wrapped
 
 
+@contextlib.contextmanager
+def _short_switch_interval(seconds: float = 0.0005):
+  """A shorter GIL switch interval (default 5 ms) while a helper thread runs Python.
+
+  The training thread wants the GIL back after every step's session.run;
+  with the default it can wait up to 5 ms per step behind the graph build.
+  """
+  before = sys.getswitchinterval()
+  sys.setswitchinterval(min(before, seconds))
+  try:
+    yield
+  finally:
+    sys.setswitchinterval(before)
+
+
 class InProcessEvaluator:
   """Evaluates --eval_data with one graph and session kept for the whole run.
 
@@ -113,6 +131,69 @@ class InProcessEvaluator:
     self._input_fn = _without_autotune(
         experiment.input_fn(experiment.config.input.eval_data, training=False))
     self._session = None
+    self._preparing: Optional[threading.Thread] = None
+    self._prepare_error: Optional[BaseException] = None
+    self._closing = threading.Event()
+
+  def prepare_in_background(self) -> None:
+    """Builds the evaluation graph and decodes --eval_data on a thread, once.
+
+    Called as training starts: the graph build (Python), the session and
+    the first, decoding read of the eval data then overlap the training
+    session's start and first steps, and the first evaluation runs only its
+    forward passes. Every other call waits for the thread (`_ready`); an
+    error on it is raised there, by the first evaluation, as if it had
+    happened there.
+    """
+    if self._session is not None or self._preparing is not None:
+      return
+    self._preparing = threading.Thread(target=self._prepare, name="eval-prepare",
+                                       daemon=True)
+    self._preparing.start()
+
+  def _prepare(self) -> None:
+    try:
+      with _short_switch_interval():
+        self._build()
+        self._decode_pass()
+    except BaseException as e:  # pylint: disable=broad-except  # raised by _ready
+      self._prepare_error = e
+
+  def _ready(self) -> None:
+    """Waits for the background preparation; builds here when none ran."""
+    if self._preparing is not None:
+      self._preparing.join()
+      self._preparing = None
+      error, self._prepare_error = self._prepare_error, None
+      if error is not None:
+        raise error
+    if self._session is None:
+      self._build()
+
+  def _interrupted(self) -> bool:
+    return self._closing.is_set() or (self._preemption is not None and
+                                      self._preemption.requested)
+
+  def _decode_pass(self) -> None:
+    """Reads --eval_data once into the kept batches, without the model (when they fit)."""
+    if not self._batches.keeps:
+      return
+    session = self._session
+    session.run(self._local_init)  # the bad-record count of this pass starts at 0
+    for hook in self._hooks:  # (re)initialise the eval iterator
+      hook.after_create_session(session, None)
+    fetches, kept = self._batches.fetches(), self._batches.start_pass()
+    limit = self._experiment.config.run.eval_steps or None
+    done = 0
+    while kept is not None and (limit is None or done < limit):
+      if self._interrupted():
+        return
+      try:
+        kept = self._batches.add(kept, session.run(fetches))
+      except tf.errors.OutOfRangeError:
+        break
+      done += 1
+    self._batches.finish_pass(kept, session, complete=True)
 
   def _build(self) -> None:
     estimator = self._experiment.estimator
@@ -149,14 +230,17 @@ class InProcessEvaluator:
     self._eval_dir = estimator.eval_dir()
 
   def close(self) -> None:
+    self._closing.set()
+    if self._preparing is not None:
+      self._preparing.join()
+      self._preparing = None
     if self._session is not None:
       self._session.close()
       self._session = None
 
   def can_feed(self, train_variables: Dict[str, tf.Variable]) -> bool:
     """Whether every eval variable has its training variable in `train_variables`."""
-    if self._session is None:
-      self._build()
+    self._ready()
     return self._mapping_complete and all(n in train_variables for n in self._placeholders)
 
   def evaluate_live(self, train_session, train_variables: Dict[str, tf.Variable],
@@ -182,8 +266,7 @@ class InProcessEvaluator:
 
   def evaluate_checkpoint(self, step: int, checkpoint: str) -> Optional[Dict[str, float]]:
     """Evaluates `checkpoint` (restored into the kept eval graph)."""
-    if self._session is None:
-      self._build()
+    self._ready()
     try:
       with self._graph.as_default():  # a Saver restores in its own graph only
         self._saver.restore(self._session, checkpoint)
@@ -278,6 +361,10 @@ class EvaluationListener(tf.compat.v1.train.CheckpointSaverListener):
   def begin(self):
     self._variables = {v.op.name: v for v in tf.compat.v1.global_variables()}
 
+  def session_started(self) -> None:
+    """The training session is up: the evaluator prepares itself meanwhile."""
+    self._evaluator.prepare_in_background()
+
   def after_save(self, session, global_step_value):
     step = int(global_step_value)
     if not self._due(step) or (self._preemption is not None and self._preemption.requested):
@@ -318,3 +405,9 @@ class EvaluationCheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     super().__init__(model_dir, save_steps=save_steps, listeners=list(listeners),
                      save_graph_def=False)
     self._timer = _EvaluationStepTimer(save_steps, evaluation_step)
+
+  def after_create_session(self, session, coord):
+    super().after_create_session(session, coord)  # Estimator's session-start save
+    for listener in self._listeners:
+      if isinstance(listener, EvaluationListener):
+        listener.session_started()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from estimator_transfer.data import bad_records
 from estimator_transfer.serving import exporters
 from estimator_transfer.training import early_stopping
 from estimator_transfer.training import evaluator as evaluator_lib
@@ -120,11 +121,14 @@ def test_early_stop_ends_the_one_train_call_and_latest_export_only_when_asked(ma
   assert len(tf.io.gfile.listdir(latest_dir)) == 3  # step 6 is there already
 
 
+@pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("cache, keeps", [("auto", True), ("off", False), ("tiny", False)])
 def test_evaluation_batches_are_decoded_once_and_give_the_same_metrics(
-    make_config, monkeypatch, cache, keeps):
+    make_config, monkeypatch, cache, keeps, prepared):
   # --cache=auto keeps the decoded eval batches after the first pass; off, or
-  # over the memory budget, every evaluation reads the files again.
+  # over the memory budget, every evaluation reads the files again. Prepared
+  # in the background (as training starts), the first pass is the decoding
+  # one, before any evaluation.
   if cache == "tiny":
     from estimator_transfer.data import memory_cache  # pylint: disable=import-outside-toplevel
     monkeypatch.setattr(memory_cache, "budget_bytes", lambda config: 1000)
@@ -137,6 +141,10 @@ def test_evaluation_batches_are_decoded_once_and_give_the_same_metrics(
   expected = evaluator_lib.CheckpointEvaluator(experiment)(4, path)
   kept = in_process_eval.InProcessEvaluator(experiment)
   try:
+    if prepared:
+      kept.prepare_in_background()
+      kept._ready()  # pylint: disable=protected-access
+      assert kept._batches.ready == keeps  # pylint: disable=protected-access
     results = [kept.evaluate_checkpoint(4, path) for _ in range(3)]
     assert kept._batches.ready == keeps  # pylint: disable=protected-access
     if keeps:
@@ -150,10 +158,8 @@ def test_evaluation_batches_are_decoded_once_and_give_the_same_metrics(
       np.testing.assert_allclose(result[key], expected[key], rtol=1e-6, err_msg=key)
 
 
-def test_fed_evaluations_keep_the_bad_record_count(make_config, tmp_path):
-  # One undecodable image in --eval_data (--on_bad_record=skip): every
-  # evaluation counts it, the fed ones as the reading one.
-  cfg = make_config(run__max_steps=2, run__save_checkpoints_steps=2, export__export_dir="")
+def _eval_data_with_a_broken_image(cfg, tmp_path):
+  """A copy of cfg's --eval_data whose second record holds no image."""
   records = []
   for name in sorted(os.listdir(cfg.input.eval_data)):
     if name != "labels.txt":
@@ -169,11 +175,22 @@ def test_fed_evaluations_keep_the_bad_record_count(make_config, tmp_path):
       writer.write(record)
   tf.io.gfile.copy(os.path.join(cfg.input.eval_data, "labels.txt"),
                    str(eval_dir / "labels.txt"))
-  cfg = cfg.replace(input__eval_data=str(eval_dir), input__on_bad_record="skip")
+  return str(eval_dir)
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_fed_evaluations_keep_the_bad_record_count(make_config, tmp_path, prepared):
+  # One undecodable image in --eval_data (--on_bad_record=skip): every
+  # evaluation counts it, the fed ones as the reading (or decoding) one.
+  cfg = make_config(run__max_steps=2, run__save_checkpoints_steps=2, export__export_dir="")
+  cfg = cfg.replace(input__eval_data=_eval_data_with_a_broken_image(cfg, tmp_path),
+                    input__on_bad_record="skip")
   experiment = runner.Experiment(cfg)
   assert experiment.train() == 2
   kept = in_process_eval.InProcessEvaluator(experiment)
   try:
+    if prepared:
+      kept.prepare_in_background()
     path = os.path.join(cfg.run.model_dir, "model.ckpt-2")
     results = [kept.evaluate_checkpoint(2, path) for _ in range(3)]
     assert kept._batches.ready  # pylint: disable=protected-access
@@ -181,3 +198,39 @@ def test_fed_evaluations_keep_the_bad_record_count(make_config, tmp_path):
     kept.close()
   assert [r["bad_records"] for r in results] == [1.0, 1.0, 1.0]
   assert results[1]["accuracy"] == results[0]["accuracy"]
+
+
+def test_an_error_while_preparing_is_raised_by_the_first_evaluation(make_config, tmp_path):
+  # --on_bad_record=fail and a broken eval image: the background decoding
+  # pass fails; the first evaluation raises that error, as an unprepared one
+  # does, and the evaluator still closes.
+  cfg = make_config(run__max_steps=2, run__save_checkpoints_steps=2, export__export_dir="")
+  assert runner.Experiment(cfg).train() == 2
+  cfg = cfg.replace(input__eval_data=_eval_data_with_a_broken_image(cfg, tmp_path),
+                    input__on_bad_record="fail")
+  experiment = runner.Experiment(cfg)
+  path = os.path.join(cfg.run.model_dir, "model.ckpt-2")
+  messages = []
+  for prepared in (False, True):
+    kept = in_process_eval.InProcessEvaluator(experiment)
+    try:
+      if prepared:
+        kept.prepare_in_background()  # returns at once; the error waits
+      with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        kept.evaluate_checkpoint(2, path)
+      messages.append(bad_records.user_error_message(raised.value.message))
+    finally:
+      kept.close()
+  assert messages[0] and messages[0] == messages[1], messages
+
+
+def test_closing_while_preparing_stops_the_preparation(make_config):
+  # A run that ends before its first evaluation (preempted, or its last step
+  # reached) closes the evaluator while it may still be decoding.
+  cfg = make_config(run__max_steps=2, run__save_checkpoints_steps=2, export__export_dir="")
+  experiment = runner.Experiment(cfg)
+  kept = in_process_eval.InProcessEvaluator(experiment)
+  kept.prepare_in_background()
+  kept.prepare_in_background()  # once
+  kept.close()
+  assert kept._preparing is None and kept._session is None  # pylint: disable=protected-access
