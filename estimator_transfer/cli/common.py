@@ -193,7 +193,8 @@ def run_main(prog: str, define_flags, main) -> None:
   """Defines flags, parses argv (bad flags -> one line, exit 1), runs main.
 
   The whole-process entry of every et-* script: the process ends here
-  (`end_process`), with the exit code of main's SystemExit. An unexpected
+  (`end_process`), with the exit code of main's SystemExit; under a
+  profiler, coverage or a debugger it exits as usual. An unexpected
   exception propagates (and the interpreter exits as usual).
   """
   quiet_tensorflow()
@@ -225,4 +226,6 @@ def run_main(prog: str, define_flags, main) -> None:
   try:
     app.run(guarded, flags_parser=parse)
   except SystemExit as e:
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+      raise  # a profiler, coverage or a debugger writes its results at interpreter exit
     end_process(_exit_code(e))

@@ -273,7 +273,8 @@ class TrainingLoop:
     # name/shape check is for the plain graph only.
     model_fn = model_fns.guarded_model_fn(
         model_fn_lib.build_model_fn(cfg, self.experiment.backbone), cfg,
-        check_resume=self._strategy is None)
+        check_resume=self._strategy is None,
+        local=self.task.is_local and self._strategy is None)
     if source is not None and not tf.train.latest_checkpoint(model_dir):
       # Only the chief initialises variables; the warm start runs in its init_fn.
       model_fn = warm_start.wrap_model_fn(model_fn, source, cfg.head.class_names, model_dir)

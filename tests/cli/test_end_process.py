@@ -75,3 +75,19 @@ def test_end_process_loses_nothing_and_keeps_the_exit_code(tmp_path, ending, cod
 def test_exit_code_of_a_system_exit():
   assert common._exit_code(SystemExit()) == 0  # pylint: disable=protected-access
   assert common._exit_code(SystemExit(138)) == 138  # pylint: disable=protected-access
+
+
+def test_under_a_profiler_the_process_exits_as_usual(tmp_path):
+  # cProfile writes its stats after the script returns: end_process would
+  # skip that, so under a profiler (or coverage, or a debugger) run_main
+  # lets the interpreter exit.
+  script = tmp_path / "probe.py"
+  script.write_text(SCRIPT.replace("{ending}", "sys.exit(3)"))
+  stats = tmp_path / "probe.prof"
+  result = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), str(script)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                   PROBE_DIR=str(tmp_path)))
+  assert result.returncode == 0, result.stderr[-2000:]  # cProfile itself swallows exits
+  assert stats.exists() and stats.stat().st_size > 0
+  assert (tmp_path / "thread.txt").read_text() == "joined"

@@ -6,6 +6,7 @@ otherwise) during training; two trainers on one model_dir. After each fault
 nothing half-written is visible (the latest checkpoint loads, no incomplete
 export version is listed, no partial shard is listed) and a rerun finishes.
 """
+import glob
 import os
 import signal
 import subprocess
@@ -141,7 +142,11 @@ def test_full_disk_during_training_then_rerun(tiny_data, tiny_backbone):
   with fault_tools.small_tmpfs("8m") as mount:
     model_dir = os.path.join(mount, "model")
     _ok(_et("et-train", *_train_args(tiny_data, tiny_backbone, model_dir, 2)))
-    filler = fault_tools.fill_disk(mount, leave=812 * 1024)
+    # The rerun's event file starts with the training graph, as the first
+    # run's did: half its size left, the disk fills once training is under way.
+    events = max(glob.glob(os.path.join(model_dir, "events.out.tfevents.*")),
+                 key=os.path.getsize)
+    filler = fault_tools.fill_disk(mount, leave=os.path.getsize(events) // 2)
     done = _et("et-train", f"--model_dir={model_dir}", "--max_steps=400")
     assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -164,3 +164,29 @@ def test_allow_config_change_resumes_a_moved_backbone(trained, tiny_backbone, tm
   experiment = runner.Experiment(cfg)
   assert experiment.train(allow_config_change=True) == 7
   assert config_lib.load(cfg.run.model_dir).backbone.handle == str(moved)
+
+
+class _OpTypesAtSessionStart(tf.compat.v1.train.SessionRunHook):
+  """The op types of the training graph once its session is up."""
+
+  def __init__(self):
+    self.types = []
+
+  def after_create_session(self, session, coord):
+    del coord
+    self.types = [op.type for op in session.graph.get_operations()]
+
+
+def test_a_local_session_starts_without_asking_each_variable_if_ready(trained, tmp_path):
+  # A local session initializes or restores every variable itself: its
+  # start builds and runs no per-variable readiness check (two of them, one
+  # op per variable, by default), new or resumed. What a resume restores is
+  # test_resume_restores_every_variable_and_stops_at_max_steps.
+  resumed = _copy(trained, tmp_path, run__max_steps=8)
+  new = resumed.replace(run__model_dir=str(tmp_path / "new"), run__max_steps=2)
+  for cfg, steps in ((resumed, 8), (new, 2)):
+    probe = _OpTypesAtSessionStart()
+    assert runner.Experiment(cfg).train(hooks=[probe]) == steps
+    readiness = [t for t in probe.types
+                 if t in ("VarIsInitializedOp", "IsVariableInitialized")]
+    assert len(probe.types) > 100 and not readiness, (cfg.run.model_dir, readiness[:5])
