@@ -434,3 +434,30 @@ def test_cli_trains_and_exports_from_cache_and_errors_in_one_line(tiny_backbone,
   errors = [l for l in result.stderr.splitlines() if l.startswith("et-train: error: ")]
   assert len(errors) == 1 and "--cache_features needs a frozen backbone" in errors[0]
   assert not os.path.exists(tmp_path / "model2" / "config.json")
+
+
+@pytest.mark.parametrize("limit, tuned", [(1 << 30, False), (16, True)])
+def test_features_held_in_memory_train_without_the_autotuning_thread(tmp_path, monkeypatch,
+                                                                       limit, tuned):
+  # Held in memory, the cached features leave tf.data nothing to tune, and
+  # its autotuning thread would hold up the end of training (the session's
+  # close waits for it to wake). Set on the root dataset: an intermediate
+  # with_options is not what the iterator reads.
+  from estimator_transfer.config import InputConfig  # pylint: disable=import-outside-toplevel
+  from estimator_transfer.feature_cache import input_fn as cached_input  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "unit.tfrecord")
+  with tf.io.TFRecordWriter(path) as writer:
+    for label in range(4):
+      example = tf.train.Example(features=tf.train.Features(feature={
+          store.FEATURE_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=[label] * 3)),
+          store.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}))
+      writer.write(example.SerializeToString())
+  monkeypatch.setattr(cached_input, "_IN_MEMORY_BYTES", limit)
+  cached = cached_input.CachedData(files=[path], counts=[4], feature_dim=3, computed=0,
+                                   units=[])
+  input_fn = cached_input.build_cached_input_fn(cached, InputConfig(batch_size=2),
+                                                training=True, seed=1, num_epochs=1)
+  dataset = input_fn()
+  assert dataset.options().autotune.enabled is (None if tuned else False)  # None: default, on
+  labels = sorted(int(l) for _, batch in dataset for l in batch.numpy())
+  assert labels == [0, 1, 2, 3]
