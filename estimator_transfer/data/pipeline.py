@@ -220,8 +220,8 @@ class _Pipeline:
       # up the end of training (closing the session waits for it to wake:
       # up to 5 s measured). Parallel maps run on as many threads as cores.
       options.autotune.enabled = False
-    # On the last dataset: the root's options are what the iterator reads.
-    return prefetch(ds, self.config.prefetch).with_options(options)
+    ds = ds.with_options(options)
+    return prefetch(ds, self.config.prefetch)
 
   def _examples(self, shards):
     """Unbatched (value, label, status) for every epoch, cached if asked."""
