@@ -176,24 +176,10 @@ class InProcessEvaluator:
 
   def _decode_pass(self) -> None:
     """Reads --eval_data once into the kept batches, without the model (when they fit)."""
-    if not self._batches.keeps:
-      return
-    session = self._session
-    session.run(self._local_init)  # the bad-record count of this pass starts at 0
-    for hook in self._hooks:  # (re)initialise the eval iterator
-      hook.after_create_session(session, None)
-    fetches, kept = self._batches.fetches(), self._batches.start_pass()
-    limit = self._experiment.config.run.eval_steps or None
-    done = 0
-    while kept is not None and (limit is None or done < limit):
-      if self._interrupted():
-        return
-      try:
-        kept = self._batches.add(kept, session.run(fetches))
-      except tf.errors.OutOfRangeError:
-        break
-      done += 1
-    self._batches.finish_pass(kept, session, complete=True)
+    if self._batches.keeps:
+      self._session.run(self._local_init)  # the bad-record count of this pass starts at 0
+      self._read_pass(self._session, self._experiment.config.run.eval_steps or None,
+                      update=False)
 
   def _build(self) -> None:
     estimator = self._experiment.estimator
@@ -303,22 +289,29 @@ class InProcessEvaluator:
     return evaluator_lib.finish_evaluation(self._experiment.config, result, step, checkpoint)
 
 
-  def _read_pass(self, session, limit: Optional[int]) -> bool:
-    """A pass reading --eval_data (keeping its batches when they fit); False: preempted."""
+  def _read_pass(self, session, limit: Optional[int], update: bool = True) -> bool:
+    """A pass reading --eval_data (keeping its batches when they fit); False: interrupted.
+
+    `update=False`, the background decoding pass, runs the input only and
+    stops as soon as the batches cannot be kept.
+    """
     for hook in self._hooks:  # (re)initialise the eval iterator
       hook.after_create_session(session, None)
-    fetches = self._batches.fetches()
-    kept = self._batches.start_pass()
+    fetches, kept = self._batches.fetches(), self._batches.start_pass()
     done = 0
     while limit is None or done < limit:
-      if self._preemption is not None and self._preemption.requested:
+      if self._interrupted():
         return False
+      if not update and kept is None:
+        return True  # over the budget: the first evaluation reads the files
       try:
         if fetches is None:
           session.run(self._update_op)
-        else:
+        elif update:
           _, values = session.run([self._update_op, fetches])
           kept = self._batches.add(kept, values)
+        else:
+          kept = self._batches.add(kept, session.run(fetches))
       except tf.errors.OutOfRangeError:
         break
       done += 1
