@@ -224,11 +224,41 @@ def done_marker(root: str, unit_key: str, snapshot: Snapshot) -> Optional[dict]:
   return marker
 
 
-def _example(features: np.ndarray, label: int) -> bytes:
-  return tf.train.Example(features=tf.train.Features(feature={
-      FEATURE_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=features)),
-      LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-  })).SerializeToString()
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  while True:
+    low, value = value & 0x7F, value >> 7
+    out.append(low | (0x80 if value else 0))
+    if not value:
+      return bytes(out)
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+  """One length-delimited protobuf field (tag = field number << 3 | 2)."""
+  return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def _examples(features: np.ndarray, labels: np.ndarray) -> list:
+  """The serialized tf.Examples {FEATURE_KEY: features[i], LABEL_KEY: labels[i]}.
+
+  The float list is framed by hand (Example.features = 1, its map entries =
+  1, key = 1 / value = 2, Feature.float_list = 2, FloatList.value = 1,
+  packed little-endian float32): a unit's 256 records of 7,840 floats took
+  0.3 s through protobuf's per-value conversion, a tenth of their compute.
+  The label goes through protobuf; tf.train.Example parses the result to the
+  same message (tests/feature_cache/test_feature_cache.py).
+  """
+  rows = np.ascontiguousarray(features, dtype="<f4")
+  key = _field(0x0A, FEATURE_KEY.encode())
+  out = []
+  for row, label in zip(rows, labels):
+    values = _field(0x12, _field(0x0A, row.tobytes()))
+    label_feature = tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[int(label)])).SerializeToString()
+    entries = (_field(0x0A, key + _field(0x12, values)) +
+               _field(0x0A, _field(0x0A, LABEL_KEY.encode()) + _field(0x12, label_feature)))
+    out.append(_field(0x0A, entries))
+  return out
 
 
 def _tfrecord_bytes(records) -> bytes:
@@ -265,7 +295,7 @@ def write_unit(root: str, unit: key_lib.Unit, snapshot: Snapshot, features: np.n
     The marker written.
   """
   path, marker_path = unit_paths(root, unit.key)
-  raw = _tfrecord_bytes(_example(f, l) for f, l in zip(features, labels))
+  raw = _tfrecord_bytes(_examples(features, labels))
   files.write_atomically(path, raw)
   marker = {"count": int(len(labels)), "skipped": int(skipped),
             "bytes": int(tf.io.gfile.stat(path).length), "snapshot": snapshot.id,

@@ -461,3 +461,33 @@ def test_features_held_in_memory_train_without_the_autotuning_thread(tmp_path, m
   assert dataset.options().autotune.enabled is (None if tuned else False)  # None: default, on
   labels = sorted(int(l) for _, batch in dataset for l in batch.numpy())
   assert labels == [0, 1, 2, 3]
+
+
+def test_unit_records_framed_by_hand_parse_to_the_protobuf_message():
+  # The float list is written without protobuf's per-value conversion; every
+  # record must parse to exactly the message protobuf builds (odd values,
+  # big and negative labels, a 1-float and a 7,840-float row).
+  for dim in (1, 7840):
+    features = np.random.RandomState(dim).randn(5, dim).astype(np.float32)
+    features[0, 0], features[1, -1] = np.inf, np.nan
+    labels = np.array([0, 1, 127, 128, 1 << 40]) * (-1 if dim == 1 else 1)
+    for raw, row, label in zip(store._examples(features, labels), features, labels):  # pylint: disable=protected-access
+      expected = tf.train.Example(features=tf.train.Features(feature={
+          store.FEATURE_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=row)),
+          store.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}))
+      parsed = tf.train.Example.FromString(raw)
+      got = np.array(parsed.features.feature[store.FEATURE_KEY].float_list.value, np.float32)
+      np.testing.assert_array_equal(got, row)  # NaN-aware: message equality is not
+      assert parsed.features.feature[store.LABEL_KEY] == expected.features.feature[store.LABEL_KEY]
+      assert set(parsed.features.feature) == {store.FEATURE_KEY, store.LABEL_KEY}
+
+
+def test_extraction_datasets_run_without_the_autotuning_thread(cache_config):
+  # The extractor's session lives to the end of the process; with tf.data's
+  # autotuning thread, closing it waited seconds for that thread to wake.
+  from estimator_transfer.feature_cache import extractor as extractor_lib  # pylint: disable=import-outside-toplevel
+  cfg = cache_config()
+  with tf.Graph().as_default():
+    feeds = extractor_lib._Feeds.build()  # pylint: disable=protected-access
+    datasets = extractor_lib._datasets(cfg.input, 32, feeds)  # pylint: disable=protected-access
+    assert datasets and all(ds.options().autotune.enabled is False for ds in datasets.values())
