@@ -13,6 +13,7 @@ from estimator_transfer.cli import common
 from estimator_transfer.cli import flags as et_flags
 from estimator_transfer.cluster import roles
 from estimator_transfer.cluster import tf_config as cluster
+from estimator_transfer.evaluation import tb_images
 from estimator_transfer.serving import exporters
 from estimator_transfer.training import experiment as experiment_lib
 from estimator_transfer.training import hooks
@@ -47,8 +48,12 @@ def main(flag_values) -> None:
   # The chief's best exporter (a bad export setting fails now, not after
   # training); the evaluator never publishes.
   best = exporters.build_best_model_callback(experiment) if task.is_chief else None
+  # The evaluator writes each evaluation's report, and so its confusion-matrix
+  # TensorBoard image beside its eval curves (as a local et-train does).
+  images = (tb_images.build_callback(cfg.run.model_dir)
+            if task.task_type == cluster.EVALUATOR else None)
   loop = loop_lib.TrainingLoop(experiment, task, strategy,
-                               after_evaluation=[best] if best else [])
+                               after_evaluation=[c for c in (best, images) if c])
   # The model_dir's single writer is the chief (or master): the loop takes
   # the lock there after its checks; workers and the evaluator never do.
   lock = files.ModelDirLock(cfg.run.model_dir, role=f"et-train {task.name}")

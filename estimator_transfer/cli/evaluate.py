@@ -58,7 +58,8 @@ def _evaluate_export(f) -> None:
   trained_model.check_output_dir(f.eval_output_dir, "--eval_output_dir")
   try:
     report = export_eval.evaluate_export(f.export_path, f.eval_data, f.image_key,
-                                         f.label_key, f.eval_batch_size or f.batch_size)
+                                         f.label_key, f.eval_batch_size or f.batch_size,
+                                         f.label_offset)
   except ConfigError:
     raise
   except ValueError as e:

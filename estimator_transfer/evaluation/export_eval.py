@@ -21,13 +21,16 @@ from estimator_transfer.serving import predictor as predictor_lib
 log = logging.getLogger("estimator_transfer")
 
 
-def labelled_images(data: str, image_key: str, label_key: str) -> Iterator[Tuple[bytes, int]]:
+def labelled_images(data: str, image_key: str, label_key: str,
+                    label_offset: int = 0) -> Iterator[Tuple[bytes, int]]:
   """Yields (encoded image bytes, class id) from TFRecords or an image folder.
 
   Args:
     data: an image folder (class per subfolder) or TFRecords (file, glob, dir).
     image_key: the tf.Example feature of the encoded image.
     label_key: the tf.Example feature of the int64 class id.
+    label_offset: subtracted from every TFRecord label (--label_offset, as
+      training reads them).
 
   Returns:
     An iterator; records lacking either feature are skipped.
@@ -45,7 +48,8 @@ def labelled_images(data: str, image_key: str, label_key: str) -> Iterator[Tuple
   for path in paths:
     list(tfrecords.read_records(path, 1))  # not a TFRecord file at all: one sentence
   for path in paths:
-    yield from _file_examples(path, image_key, label_key)
+    for image, label in _file_examples(path, image_key, label_key):
+      yield image, label - label_offset
 
 
 def _file_examples(path: str, image_key: str, label_key: str):
@@ -133,7 +137,8 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> Dict:
 
 
 def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded",
-                    label_key: str = "image/class/label", batch_size: int = 32) -> Dict:
+                    label_key: str = "image/class/label", batch_size: int = 32,
+                    label_offset: int = 0) -> Dict:
   """Evaluates an exported SavedModel through its image-bytes signature.
 
   The images go through the export's own decoding and resizing, as TF Serving
@@ -145,6 +150,7 @@ def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded
     image_key: the tf.Example feature of the encoded image.
     label_key: the tf.Example feature of the class id.
     batch_size: images per request.
+    label_offset: subtracted from every TFRecord label (--label_offset).
 
   Returns:
     A report like `full_report` (accuracy, top-k, loss, per-class numbers).
@@ -156,7 +162,7 @@ def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded
   names = predictor.class_names
   try:
     probabilities, labels, skipped = predict_labelled(
-        predictor, labelled_images(data, image_key, label_key), batch_size)
+        predictor, labelled_images(data, image_key, label_key, label_offset), batch_size)
   finally:
     predictor.close()
   if not labels:
@@ -164,6 +170,9 @@ def evaluate_export(export_path: str, data: str, image_key: str = "image/encoded
   probs = np.concatenate(probabilities)
   labels = np.asarray(labels)
   num_classes = probs.shape[1]
+  if labels.min() < 0:
+    raise ValueError(f"{data} has label {labels.min()}, below 0 after --label_offset="
+                     f"{label_offset}; check --label_offset")
   if labels.max() >= num_classes:
     raise ValueError(f"{data} has label {labels.max()} but the export has "
                      f"{num_classes} classes")

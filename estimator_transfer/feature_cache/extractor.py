@@ -73,7 +73,7 @@ def _record_fn(i: InputConfig, size: int, feeds: _Feeds, text: bool,
       label = tf.reduce_max(tf.concat(
           [tf.where(tf.equal(feeds.names, parsed[i.label_key]), ids, -1), [-1]], 0))
     else:
-      label = tf.cast(parsed[i.label_key], tf.int32)
+      label = tf.cast(parsed[i.label_key], tf.int32) - i.label_offset  # as units.py
     return finish(index, image, label)
 
   return parse

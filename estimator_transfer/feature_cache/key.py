@@ -247,11 +247,13 @@ def list_units(config: ExperimentConfig, data: str, training: bool,
     raise ConfigError(f"--cache_features caches backbone features of images, but "
                       f"{data} is CSV data without a backbone; drop --cache_features.")
   i = config.input
-  # Int labels are cached as they are (the label map only bounds them); text
+  # Int labels are cached minus --label_offset (the label map only bounds them); text
   # labels become ids through the label map; folder ids are in the key below.
   labels_part = {"image_key": i.image_key, "label_key": i.label_key,
                  "text": source.label_is_text,
                  "class_names": list(source.class_names) if source.label_is_text else []}
+  if i.label_offset and source.kind == "tfrecord" and not source.label_is_text:
+    labels_part["label_offset"] = i.label_offset  # cached ids are offset (0: keys as before)
   copies = [-1]
   if training and i.cache_features_with_augmentation:
     copies = list(range(i.cache_features_with_augmentation))

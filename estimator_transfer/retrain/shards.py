@@ -184,7 +184,8 @@ def _read_tfrecord(path: str, cfg: InputConfig, class_names) -> Records:
     label = feature.get(cfg.label_key)
     if label is None or not (label.int64_list.value or label.bytes_list.value):
       raise NotReady(f"{where} has no '{cfg.label_key}' label")
-    value = (label.int64_list.value or label.bytes_list.value)[0]
+    value = label.bytes_list.value[0] if label.bytes_list.value else \
+        label.int64_list.value[0] - cfg.label_offset  # --label_offset, as training reads it
     name = _name_of(value, class_names, where)
     feature[TEXT_KEY].bytes_list.value[:] = [name.encode("utf-8")]
     out.names.append(name)

@@ -42,6 +42,7 @@ from tensorflow_estimator.python.estimator import estimator as estimator_lib
 
 from estimator_transfer.training import eval_batches
 from estimator_transfer.training import evaluator as evaluator_lib
+from estimator_transfer.training import hooks as hooks_lib
 
 log = logging.getLogger("estimator_transfer")
 
@@ -385,8 +386,8 @@ class _EvaluationStepTimer(tf.compat.v1.train.SecondOrStepTimer):
     return super().should_trigger_for_step(step) or self._due_step(int(step))
 
 
-class EvaluationCheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
-  """Estimator's checkpoint hook, also saving at every evaluation step.
+class EvaluationCheckpointSaverHook(hooks_lib.CheckpointSaverHook):
+  """The checkpoint hook (`hooks.CheckpointSaverHook`), also saving at every evaluation step.
 
   Given to `Estimator.train` in its hooks, it replaces the one Estimator
   would add (and receives the `saving_listeners`). Its session-start save
@@ -395,8 +396,7 @@ class EvaluationCheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
 
   def __init__(self, model_dir: str, save_steps: int, evaluation_step: StepPredicate,
                listeners=()):
-    super().__init__(model_dir, save_steps=save_steps, listeners=list(listeners),
-                     save_graph_def=False)
+    super().__init__(model_dir, save_steps, listeners)
     self._timer = _EvaluationStepTimer(save_steps, evaluation_step)
 
   def after_create_session(self, session, coord):

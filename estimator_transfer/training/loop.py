@@ -288,11 +288,15 @@ class TrainingLoop:
                      extra_hooks=(), lr_scale: float = 1.0, saver_hook=None) -> None:
     """Trains to `max_steps` with the guards, in this task's role.
 
-    `saver_hook` replaces Estimator's checkpoint hook, in its place: first.
+    `saver_hook` replaces Estimator's checkpoint hook, in its place: first;
+    a local task without one gets `hooks.CheckpointSaverHook`.
     """
     model_dir = self.config.run.model_dir
     with cluster.tf_config_env(self.task):
       estimator = self._training_estimator(lr_scale, source)
+      if saver_hook is None and self.task.is_local:
+        saver_hook = hooks_lib.CheckpointSaverHook(model_dir,
+                                                   self.config.run.save_checkpoints_steps)
       train_hooks = [saver_hook] if saver_hook is not None else []
       train_hooks += [hooks_lib.NonFiniteLossHook(model_dir),
                       hooks_lib.StopOnSignalHook(preemption)] + self._role_hooks

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from conftest import ROOT, encode, make_image
 from estimator_transfer.cli import local_cluster
+from estimator_transfer.evaluation import tb_images
 
 MAX_STEPS = 30
 LAUNCH_TIMEOUT_SECS = 420  # 2 shared cores: TF startup alone takes seconds per task
@@ -124,8 +125,13 @@ def test_evaluator_wrote_metrics_of_the_final_checkpoint(full_job):
   assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
   record = _step_record(model_dir, "evaluator-0")
   assert record["final"] and record["last"] == metrics
-  # Estimator's own eval summaries, for TensorBoard.
-  assert tf.io.gfile.glob(os.path.join(model_dir, "eval", "events.out.tfevents.*"))
+  # Estimator's own eval summaries, for TensorBoard, and the evaluator's
+  # confusion-matrix image of the final evaluation beside them.
+  events = tf.io.gfile.glob(os.path.join(model_dir, "eval", "events.out.tfevents.*"))
+  assert events
+  steps = {e.step for path in events for e in tf.compat.v1.train.summary_iterator(path)
+           for v in e.summary.value if v.tag == tb_images.IMAGE_TAG and v.HasField("image")}
+  assert metrics["global_step"] in steps, steps
 
 
 def _scalar_tags(event_dir):

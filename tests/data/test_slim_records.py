@@ -101,3 +101,34 @@ def test_without_the_offset_the_top_class_is_out_of_range(make_config, slim_data
                     input__shuffle_buffer=0, run__max_steps=1)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"has label 3, outside \[0, 3\)"):
     _labels_and_texts(cfg, slim_data["eval"])
+
+
+def test_label_offset_applies_to_the_feature_cache(cache_config, slim_data):
+  # Cached ids are the class ids (offset applied at extraction), and the
+  # offset is part of the units' keys: a changed offset recomputes them.
+  from estimator_transfer.feature_cache import cache as feature_cache  # pylint: disable=import-outside-toplevel
+  cfg = cache_config(input__train_data=slim_data["eval"], input__label_offset=1)
+  cached = feature_cache.FeatureCache(cfg).prepare(slim_data["eval"], False,
+                                                   conftest.CLASS_NAMES)
+  labels = [tf.train.Example.FromString(raw).features.feature["label"].int64_list.value[0]
+            for path in cached.files for raw in tf.compat.v1.io.tf_record_iterator(path)]
+  assert labels == slim_data["eval_ids"]
+  plain = cache_config(input__train_data=slim_data["eval"])
+  with pytest.raises(Exception, match="label 3, outside"):  # top class out of range unshifted
+    feature_cache.FeatureCache(plain).prepare(slim_data["eval"], False, conftest.CLASS_NAMES)
+
+
+def test_label_offset_applies_to_export_evaluation_and_retrain_shards(make_config, slim_data):
+  from estimator_transfer.evaluation import export_eval  # pylint: disable=import-outside-toplevel
+  from estimator_transfer.retrain import shards  # pylint: disable=import-outside-toplevel
+  data = slim_data["eval"]
+  labels = [label for _, label in export_eval.labelled_images(
+      data, "image/encoded", "image/class/label", label_offset=1)]
+  assert labels == slim_data["eval_ids"]
+  cfg = make_config(input__label_offset=1).input
+  shard = os.path.join(data, "validation-00000-of-00001")
+  records = shards.read_unit(shard, shards.TFRECORD, cfg, conftest.CLASS_NAMES)
+  assert records.names == [conftest.CLASS_NAMES[i] for i in slim_data["eval_ids"]]
+  unshifted = make_config().input
+  with pytest.raises(shards.NotReady, match="class id 3, beyond"):
+    shards.read_unit(shard, shards.TFRECORD, unshifted, conftest.CLASS_NAMES)

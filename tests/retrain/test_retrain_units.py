@@ -96,19 +96,24 @@ def _csv(path, classes, count, seed):
   path.write_text("\n".join(lines) + "\n")
 
 
-def test_numeric_features_rounds_without_export(tmp_path):
-  incoming = tmp_path / "incoming"
-  incoming.mkdir()
-  _csv(tmp_path / "eval.csv", ["low", "mid", "high"], 30, seed=9)
-  _csv(incoming / "001.csv", ["low", "high"], 32, seed=1)
-  base = config_lib.ExperimentConfig(
+def _numeric_base(tmp_path, incoming, class_names):
+  """An et-retrain config on numeric CSV features (identity backbone) in tmp_path."""
+  return config_lib.ExperimentConfig(
       backbone=config_lib.BackboneConfig(handle="identity"),
-      head=config_lib.HeadConfig(num_classes=3, class_names=("low", "mid", "high")),
+      head=config_lib.HeadConfig(num_classes=len(class_names), class_names=tuple(class_names)),
       schedule=config_lib.ScheduleConfig(values=(0.1,)),
       input=config_lib.InputConfig(train_data=str(incoming),
                                    eval_data=str(tmp_path / "eval.csv"), batch_size=8),
       run=config_lib.RunConfig(model_dir=str(tmp_path / "model"), seed=1,
                                save_checkpoints_steps=100))
+
+
+def test_numeric_features_rounds_without_export(tmp_path):
+  incoming = tmp_path / "incoming"
+  incoming.mkdir()
+  _csv(tmp_path / "eval.csv", ["low", "mid", "high"], 30, seed=9)
+  _csv(incoming / "001.csv", ["low", "high"], 32, seed=1)
+  base = _numeric_base(tmp_path, incoming, ("low", "mid", "high"))
   retrain = RetrainConfig(min_new_examples=8, epochs_per_round=4, settle_secs=0,
                           poll_secs=0.05, max_rounds=1, max_regression=0.1)
   first = service.Service(base, retrain).run()
@@ -132,3 +137,30 @@ def test_numeric_features_rounds_without_export(tmp_path):
     service.validate(base.replace(export__export_dir=str(tmp_path / "e")), retrain)
   with pytest.raises(ConfigError, match="--poll_secs=0"):
     service.validate(base, dataclasses.replace(retrain, poll_secs=0))
+
+
+def test_round_every_secs_starts_a_round_with_fewer_new_examples(tmp_path):
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  incoming = tmp_path / "incoming"
+  incoming.mkdir()
+  _csv(tmp_path / "eval.csv", ["low", "high"], 20, seed=9)
+  _csv(incoming / "001.csv", ["low", "high"], 16, seed=1)
+  base = _numeric_base(tmp_path, incoming, ("low", "high"))
+  # 16 waiting examples, far below --min_new_examples: without the timer no
+  # round starts (the service waits until it is stopped).
+  retrain = RetrainConfig(min_new_examples=1000, epochs_per_round=1, settle_secs=0,
+                          poll_secs=0.05, max_rounds=1, max_regression=1.0)
+  waiting = service.Service(base, retrain)
+  threading.Timer(1.0, lambda: setattr(waiting, "_signal", "SIGTERM")).start()
+  stopped = waiting.run()
+  assert stopped.rounds == [] and stopped.stopped_by == "SIGTERM"
+  start = time.monotonic()
+  timed = service.Service(base, dataclasses.replace(retrain, round_every_secs=0.5))
+  guard = threading.Timer(120.0, lambda: setattr(timed, "_signal", "SIGTERM"))  # never hang
+  guard.start()
+  try:
+    (line,) = timed.run().rounds
+  finally:
+    guard.cancel()
+  assert line["shards"] == ["001.csv"] and time.monotonic() - start >= 0.5

@@ -33,6 +33,12 @@ def test_training_and_eval_summaries(make_config):
   image = train.Images([t for t in tags["images"] if "input_images" in t][0])[-1]
   assert image.width == 16 and image.height == 16
   assert any("input_labels" in t for t in tags["tensors"]), tags["tensors"]
+  # The training graph and its meta graph (written on a thread at session
+  # start) for TensorBoard's graph view: the real graph, with the train op.
+  assert tags["graph"] and tags["meta_graph"], tags
+  nodes = {n.name for n in train.Graph().node}
+  assert "global_step" in nodes and len(nodes) > 100, len(nodes)
+  assert train.MetaGraph().saver_def.filename_tensor_name
   evaluation = _load(os.path.join(model_dir, "eval"))
   assert "accuracy" in evaluation.Tags()["scalars"]
   assert evaluation.Scalars("accuracy")[-1].step == 6
