@@ -43,6 +43,7 @@ from estimator_transfer.data import pipeline
 from estimator_transfer.data import sources
 from estimator_transfer.data import tfrecords
 from estimator_transfer.training import experiment as runner
+from estimator_transfer.training import in_process_eval
 
 from bench_run import RESULT_PREFIX
 T_IMPORTED = time.time()
@@ -58,6 +59,7 @@ class StepClock:
     self.batch = spec.get("batch", 0)
     self.times = []
     self.t_session_start = self.t_session_end = None
+    self.eval_pass_s = []  # in-process evaluations: their passes over the data
 
   def result(self):
     out = {"steps": len(self.times), "import_s": T_IMPORTED - self.t_launch}
@@ -73,6 +75,8 @@ class StepClock:
       window = self.times[-1] - self.times[self.warmup]
       out.update(window_s=window, window_steps=steps,
                  examples_per_s=steps * self.batch / window if self.batch else None)
+    if self.eval_pass_s:
+      out.update(evaluations=len(self.eval_pass_s), eval_pass_s=sum(self.eval_pass_s))
     return out
 
 
@@ -102,6 +106,16 @@ def _install_probe(clock):
     return out
 
   cls.__init__, cls.run = timed_init, timed_run
+  evaluator = in_process_eval.InProcessEvaluator
+  evaluate = evaluator._run  # pylint: disable=protected-access
+
+  def timed_evaluate(self, *args, **kwargs):
+    out = evaluate(self, *args, **kwargs)
+    if out is not None:
+      clock.eval_pass_s.append(self.last_pass_s)
+    return out
+
+  evaluator._run = timed_evaluate  # pylint: disable=protected-access
 
 
 def worker_cli(spec):

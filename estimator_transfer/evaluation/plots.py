@@ -22,13 +22,19 @@ def available() -> bool:
   return importlib.util.find_spec("matplotlib") is not None
 
 
-def _pyplot():
-  # Optional heavy dependency (the `plots` extra): imported only when drawing,
-  # with the file-only Agg backend so that no display is ever needed.
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg", force=True)
-  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  return pyplot
+def _figure(**kwargs):
+  """A matplotlib Figure on the file-only Agg canvas, outside pyplot.
+
+  Optional heavy dependency (the `plots` extra): imported only when drawing.
+  No pyplot: its global figure registry is not thread-safe (pictures are
+  drawn on a worker thread while training runs), it is 0.1 s more to import,
+  and a Figure that nothing registers needs no close.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figure = Figure(**kwargs)
+  FigureCanvasAgg(figure)
+  return figure
 
 
 def confusion_title(accuracy: Optional[float] = None, step: Optional[int] = None,
@@ -74,7 +80,6 @@ def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], title: st
 def _png(figure) -> bytes:
   out = io.BytesIO()
   figure.savefig(out, format="png", dpi=100)
-  _pyplot().close(figure)
   return out.getvalue()
 
 
@@ -84,12 +89,11 @@ def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) ->
   Drawn once per evaluation while training, so the margins are computed from
   the longest class name instead of by a layout engine (half the time).
   """
-  pyplot = _pyplot()
   n = np.shape(matrix)[0]
   longest = max([len(str(c)[:20]) for c in class_names] or [len(str(n))])
   margin = 0.55 + 0.075 * longest  # inches: tick labels (<= 20 characters) and axis label
   side = min(12.0, max(4.0, 0.55 * n + 2.0)) + margin
-  figure = pyplot.figure(figsize=(side, side))
+  figure = _figure(figsize=(side, side))
   figure.subplots_adjust(left=margin / side, bottom=(margin + (0.1 if longest > 3 else 0))
                          / side, right=1 - 0.15 / side, top=1 - 0.4 / side)
   draw_confusion(figure.add_subplot(), matrix, class_names, title)
@@ -111,9 +115,8 @@ def strategies_png(curves: Mapping[str, Curve], matrix: np.ndarray,
   Returns:
     The encoded PNG.
   """
-  pyplot = _pyplot()
-  figure, (left, right) = pyplot.subplots(
-      1, 2, figsize=(12, 5), layout="constrained", gridspec_kw={"width_ratios": [3, 2]})
+  figure = _figure(figsize=(12, 5), layout="constrained")
+  left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
   for name, points in curves.items():
     if points:
       steps, values = zip(*points)

@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Callable, Dict, Optional
 
 import tensorflow as tf
@@ -135,6 +136,7 @@ class InProcessEvaluator:
     self._preparing: Optional[threading.Thread] = None
     self._prepare_error: Optional[BaseException] = None
     self._closing = threading.Event()
+    self.last_pass_s = 0.0  # seconds of the last evaluation's passes over the data
 
   def prepare_in_background(self) -> None:
     """Builds the evaluation graph and decodes --eval_data on a thread, once.
@@ -272,6 +274,7 @@ class InProcessEvaluator:
     session = self._session
     session.run(self._local_init)  # metric accumulators, eval step, bad-record count
     limit = self._experiment.config.run.eval_steps or None
+    start = time.perf_counter()
     if self._batches.ready:  # the decoded batches of the first pass, fed
       for feed in self._batches.feeds(session, limit):
         if self._preemption is not None and self._preemption.requested:
@@ -279,6 +282,9 @@ class InProcessEvaluator:
         session.run(self._update_op, feed_dict=feed)
     elif not self._read_pass(session, limit):
       return None
+    # The evaluation's own passes over the data (scripts/benchmark.py --only=eval
+    # sets the run's cost against the run without evaluation plus these).
+    self.last_pass_s = time.perf_counter() - start
     result = session.run(self._eval_dict)
     global_step = int(result[tf.compat.v1.GraphKeys.GLOBAL_STEP])
     # pylint: disable=protected-access
