@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from estimator_transfer.config import ExperimentConfig, InputConfig
 from estimator_transfer.data import augment as augment_lib
+from estimator_transfer.data import pipeline
 from estimator_transfer.data import preprocessing
 from estimator_transfer.errors import ConfigError
 from estimator_transfer.feature_cache import key as key_lib
@@ -107,16 +108,12 @@ def _datasets(i: InputConfig, size: int, feeds: _Feeds) -> Dict[Tuple[str, bool]
               _folder_fn(size, finish), num_parallel_calls=autotune),
   }
   batch = max(1, i.eval_batch_size or i.batch_size)
-  # Without tf.data's autotuning thread: a unit's pass is too short for it to
-  # tune anything, and once the last unit is done it sleeps ever longer, and
-  # closing the session (the end of the process) waited for it to wake (2.5-10
-  # s measured after a 1024-image extraction). Parallel maps use every core.
-  options = tf.data.Options()
-  options.autotune.enabled = False
   for kind, ds in datasets.items():
     if i.on_bad_record != "fail":
       ds = ds.ignore_errors()
-    datasets[kind] = ds.batch(batch).prefetch(2).with_options(options)
+    # A unit's pass is too short to tune, and the session lives to the end of
+    # the process, whose exit would wait for the autotuning thread.
+    datasets[kind] = pipeline.without_autotune(ds.batch(batch).prefetch(2))
   return datasets
 
 

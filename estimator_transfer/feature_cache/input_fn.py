@@ -80,19 +80,6 @@ def _read(path):
   return tf.data.TFRecordDataset(path)
 
 
-def _without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """`ds` without tf.data's autotuning thread (set on the last dataset, the root's).
-
-  Held in memory from the second epoch on, the features leave nothing to
-  tune, and the autotuning thread, asleep ever longer, would hold up the end
-  of training: closing the session waits for it to wake (0-28 s measured
-  after 10 s of training). Parallel maps then use every core.
-  """
-  options = tf.data.Options()
-  options.autotune.enabled = False
-  return ds.with_options(options)
-
-
 def _in_memory(cached: CachedData) -> bool:
   return sum(c for c in cached.counts if c) * cached.feature_dim * 4 <= _IN_MEMORY_BYTES
 
@@ -165,7 +152,8 @@ def build_cached_input_fn(cached: CachedData, input_config: InputConfig, trainin
     num_shards, index = pipeline.shard_spec(config, input_context)
     ds = _train_dataset(cached, i, seed, num_epochs, num_shards, index)
     ds = ds.batch(batch_size).map(_as_features).prefetch(tf.data.AUTOTUNE)
-    return _without_autotune(ds) if _in_memory(cached) else ds
+    # Held in memory from the second epoch on: nothing to tune.
+    return pipeline.without_autotune(ds) if _in_memory(cached) else ds
 
   input_fn.cached = cached
   return input_fn

@@ -41,6 +41,7 @@ import tensorflow as tf
 # InMemoryEvaluatorHook does.
 from tensorflow_estimator.python.estimator import estimator as estimator_lib
 
+from estimator_transfer.data import pipeline
 from estimator_transfer.training import eval_batches
 from estimator_transfer.training import evaluator as evaluator_lib
 from estimator_transfer.training import hooks as hooks_lib
@@ -87,11 +88,8 @@ def _without_autotune(input_fn):
   @functools.wraps(input_fn)  # Estimator passes what the input_fn's arguments name
   def wrapped(*args, **kwargs):
     dataset = input_fn(*args, **kwargs)
-    if not isinstance(dataset, tf.data.Dataset):
-      return dataset
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return dataset.with_options(options)
+    return pipeline.without_autotune(dataset) if isinstance(dataset, tf.data.Dataset) \
+        else dataset
 
   return wrapped
 
@@ -294,7 +292,6 @@ class InProcessEvaluator:
                                                        global_step)
     # pylint: enable=protected-access
     return evaluator_lib.finish_evaluation(self._experiment.config, result, step, checkpoint)
-
 
   def _read_pass(self, session, limit: Optional[int], update: bool = True) -> bool:
     """A pass reading --eval_data (keeping its batches when they fit); False: interrupted.
