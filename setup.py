@@ -22,7 +22,7 @@ setuptools.setup(
     ],
     extras_require={
         "demo": ["scikit-learn>=1.2"],
-        # matplotlib: confusion_matrix.png, its TensorBoard image, demo/strategies.png.
+        # matplotlib: demo/strategies.png (confusion_matrix.png is drawn with Pillow).
         "plots": ["matplotlib>=3.7"],
         "test": ["scikit-learn>=1.2", "pytest>=7", "pytest-xdist>=3", "matplotlib>=3.7", "tensorflow-serving-api==2.15.*"],
         # TF Serving warmup files (--serving_warmup) are PredictionLog protos.

@@ -46,7 +46,7 @@ def main(argv):
 
 def _train_and_export(experiment, flag_values, after_evaluation, lock) -> None:
   cfg = experiment.config
-  # The confusion-matrix TensorBoard image of each evaluation (when matplotlib is there).
+  # The confusion-matrix TensorBoard image of each evaluation.
   callbacks = [c for c in (after_evaluation, tb_images.build_callback(cfg.run.model_dir)) if c]
   loop = loop_lib.TrainingLoop(experiment, cluster.Task(), after_evaluation=callbacks)
   experiment.outcome = loop.outcome

@@ -1,9 +1,10 @@
-"""Pictures of evaluations, drawn with matplotlib (the `plots` extra).
+"""The demo's comparison picture, drawn with matplotlib (the `plots` extra).
 
-`confusion_png` draws a confusion matrix (counts and row-normalised shares,
-class names, a title with accuracy and step); `strategies_png` draws the
-validation-accuracy curves of several runs next to the confusion matrix of
-one of them (what `make demo` writes to demo/strategies.png).
+`strategies_png` draws the validation-accuracy curves of several runs next to
+the confusion matrix of one of them (what `make demo` writes to
+demo/strategies.png); `confusion_title` is the title of every confusion-matrix
+picture. The picture of each evaluation is drawn with Pillow instead
+(`evaluation.confusion_image`): it is drawn while training runs.
 
 matplotlib is optional: it is imported when a picture is drawn, and
 `available()` tells callers whether pictures can be drawn at all.
@@ -81,23 +82,6 @@ def _png(figure) -> bytes:
   out = io.BytesIO()
   figure.savefig(out, format="png", dpi=100)
   return out.getvalue()
-
-
-def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
-  """The confusion matrix picture as PNG bytes (see `draw_confusion`).
-
-  Drawn once per evaluation while training, so the margins are computed from
-  the longest class name instead of by a layout engine (half the time).
-  """
-  n = np.shape(matrix)[0]
-  longest = max([len(str(c)[:20]) for c in class_names] or [len(str(n))])
-  margin = 0.55 + 0.075 * longest  # inches: tick labels (<= 20 characters) and axis label
-  side = min(12.0, max(4.0, 0.55 * n + 2.0)) + margin
-  figure = _figure(figsize=(side, side))
-  figure.subplots_adjust(left=margin / side, bottom=(margin + (0.1 if longest > 3 else 0))
-                         / side, right=1 - 0.15 / side, top=1 - 0.4 / side)
-  draw_confusion(figure.add_subplot(), matrix, class_names, title)
-  return _png(figure)
 
 
 def strategies_png(curves: Mapping[str, Curve], matrix: np.ndarray,

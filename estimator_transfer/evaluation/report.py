@@ -1,7 +1,7 @@
 """Evaluation reports: per-class precision/recall/F1, confusion matrix, PNG.
 
 The PNG (`confusion_matrix.png`: counts and row shares, class names, accuracy
-and step in the title) is drawn by `evaluation.plots` with matplotlib.
+and step in the title) is drawn by `evaluation.confusion_image` with Pillow.
 
 The numbers come from a confusion matrix accumulated in the eval graph (one
 pass over the data, see `model.metrics.confusion_matrix_metric`), so a report costs no
@@ -16,7 +16,6 @@ import numpy as np
 
 from estimator_transfer import files
 from estimator_transfer.evaluation import pictures
-from estimator_transfer.evaluation import plots
 
 REPORT_FILENAME = "eval_results.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -99,8 +98,7 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
 
   Args:
     report: a `full_report` / `classification_report` dict; the PNG is drawn
-      only when it has a confusion matrix and matplotlib is installed (the
-      `plots` extra); inside `pictures.in_background()` it is written by the
+      when it has a confusion matrix; inside `pictures.in_background()` it is written by the
       picture thread, after this returns.
     out_dir: the directory (created when missing).
 
@@ -110,7 +108,7 @@ def write_report(report: Dict, out_dir: str) -> Dict[str, str]:
   json_path = os.path.join(out_dir, REPORT_FILENAME)
   files.write_atomically(json_path, json.dumps(report, indent=2, sort_keys=True))
   paths = {"json": json_path}
-  if report.get("confusion_matrix") and plots.available():
+  if report.get("confusion_matrix"):
     png_path = os.path.join(out_dir, CONFUSION_PNG)
     # Drawn in the background while training (`pictures.in_background`).
     pictures.then(pictures.confusion_png(report),

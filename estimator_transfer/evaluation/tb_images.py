@@ -3,9 +3,9 @@
 `ConfusionMatrixImages` is an after-evaluation callback (called as
 f(metrics, checkpoint_path), like the best exporter): it reads the report
 that the evaluation just wrote into model_dir (`report.write_report`) and
-adds its confusion matrix, drawn by `evaluation.plots`, as the image
-`confusion_matrix_image` at the evaluated global step to model_dir/eval, next to
-the eval curves. Without matplotlib (the `plots` extra) it does nothing.
+adds its confusion matrix, drawn by `evaluation.confusion_image` (the same PNG
+as the report's), as the image `confusion_matrix_image` at the evaluated global
+step to model_dir/eval, next to the eval curves.
 
 The events are written as records of `tf.compat.v1.Event` protos, the event
 file format itself: the callback runs wherever the loop calls it (eagerly,
@@ -23,7 +23,6 @@ from typing import Dict, Optional
 import tensorflow as tf
 
 from estimator_transfer.evaluation import pictures
-from estimator_transfer.evaluation import plots
 from estimator_transfer.evaluation import report as report_lib
 
 log = logging.getLogger("estimator_transfer")
@@ -89,6 +88,6 @@ class ConfusionMatrixImages:
     return report
 
 
-def build_callback(model_dir: str) -> Optional[ConfusionMatrixImages]:
-  """The callback for `model_dir`, or None without matplotlib (nothing to draw with)."""
-  return ConfusionMatrixImages(model_dir) if plots.available() else None
+def build_callback(model_dir: str) -> ConfusionMatrixImages:
+  """The callback for `model_dir`."""
+  return ConfusionMatrixImages(model_dir)

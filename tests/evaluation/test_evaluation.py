@@ -49,7 +49,7 @@ def test_write_report_json_and_png(tmp_path):
   with open(paths["json"]) as f:
     assert json.load(f)["per_class"]["dog"]["support"] == 9
   png = tf.io.decode_png(open(paths["png"], "rb").read()).numpy()
-  assert png.ndim == 3 and png.shape[0] > 300 and png.shape[1] > 300  # matplotlib figure
+  assert png.ndim == 3 and png.shape[0] > 300 and png.shape[1] > 300
   # Row shares coloured in blues: the cells are blue-dominant, darker on the diagonal.
   assert (png[..., 2].astype(int) > png[..., 0].astype(int) + 80).any()
   assert pictures.report_title(report) == "confusion matrix: accuracy 0.800 at step 300"
