@@ -79,6 +79,32 @@ def _layout(n: int) -> Tuple[int, int, int]:
   return max(4, min(24, 720 // n)), 10, 0
 
 
+def _cell_text(draw, matrix, shares, origin, cell, font) -> None:
+  """Count and row share in every cell with examples (white on the dark ones)."""
+  for i, j in zip(*np.nonzero(matrix)):
+    colour = (255, 255, 255) if shares[i, j] > 0.5 else (0, 0, 0)
+    draw.multiline_text((origin[0] + j * cell + cell // 2, origin[1] + i * cell + cell // 2),
+                        f"{matrix[i, j]}\n{shares[i, j]:.0%}", fill=colour, font=font,
+                        anchor="mm", align="center", spacing=1)
+
+
+def _ticks(image, names, origin, cell, font, every, rotate) -> None:
+  """Every `every`-th class name beside its row and under its column."""
+  draw = ImageDraw.Draw(image)
+  left, top = origin
+  side = len(names) * cell
+  for i in range(0, len(names), every):
+    middle = top + i * cell + cell // 2
+    draw.line([left - 5, middle, left - 1, middle], fill=_INK)
+    draw.text((left - 7, middle), names[i], fill=_INK, font=font, anchor="rm")
+    centre = left + i * cell + cell // 2
+    draw.line([centre, top + side, centre, top + side + 4], fill=_INK)
+    if rotate:
+      _vertical(image, names[i], font, centre, top + side + 6, "mt")
+    else:
+      draw.text((centre, top + side + 6), names[i], fill=_INK, font=font, anchor="mt")
+
+
 def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
   """The confusion matrix as PNG bytes.
 
@@ -120,27 +146,13 @@ def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) ->
   draw.rectangle([left - 1, top - 1, left + side, top + side], outline=_INK)
   draw.text((width // 2, _PAD), title, fill=_INK, font=title_font, anchor="mt")
 
-  for i in range(0, n, every):
-    middle = top + i * cell + cell // 2
-    draw.line([left - 5, middle, left - 1, middle], fill=_INK)
-    draw.text((left - 7, middle), names[i], fill=_INK, font=tick_font, anchor="rm")
-    centre = left + i * cell + cell // 2
-    draw.line([centre, top + side, centre, top + side + 4], fill=_INK)
-    if rotate:
-      _vertical(image, names[i], tick_font, centre, top + side + 6, "mt")
-    else:
-      draw.text((centre, top + side + 6), names[i], fill=_INK, font=tick_font, anchor="mt")
+  _ticks(image, names, (left, top), cell, tick_font, every, rotate)
   draw.text((left + side // 2, height - _PAD), "predicted", fill=_INK, font=label_font,
             anchor="md")
   _vertical(image, "true", label_font, _PAD + label_h, top + side // 2, "rm")
 
   if text_size:
-    cell_font = _font(text_size)
-    for i, j in zip(*np.nonzero(matrix)):
-      colour = (255, 255, 255) if shares[i, j] > 0.5 else (0, 0, 0)
-      draw.multiline_text((left + j * cell + cell // 2, top + i * cell + cell // 2),
-                          f"{matrix[i, j]}\n{shares[i, j]:.0%}", fill=colour,
-                          font=cell_font, anchor="mm", align="center", spacing=1)
+    _cell_text(draw, matrix, shares, (left, top), cell, _font(text_size))
   out = io.BytesIO()
   image.save(out, format="PNG", compress_level=6)
   return out.getvalue()
