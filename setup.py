@@ -18,7 +18,7 @@ setuptools.setup(
         "tensorflow-hub==0.15.0",
         "absl-py>=1.0",
         "numpy<2",
-        "pillow>=9",
+        "pillow>=10.1",  # ImageFont.load_default(size=...): the confusion-matrix picture
     ],
     extras_require={
         "demo": ["scikit-learn>=1.2"],

@@ -32,11 +32,8 @@ _MAX_NAME = 20
 
 @functools.lru_cache(maxsize=None)
 def _font(size: int):
-  """Pillow's own font at `size` px (FreeType, bundled), or its bitmap font."""
-  try:
-    return ImageFont.load_default(size=size)
-  except (TypeError, AttributeError, OSError):  # Pillow < 10.1, or no FreeType
-    return ImageFont.load_default()
+  """Pillow's bundled FreeType font at `size` px (Pillow >= 10.1, see setup.py)."""
+  return ImageFont.load_default(size=size)
 
 
 def blues(shares: np.ndarray) -> np.ndarray:
